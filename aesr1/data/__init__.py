@@ -1,0 +1,1 @@
+"""Datasets: AesSynth generation, native annotation readers, the ingest stage."""

@@ -1,0 +1,1 @@
+"""Prefect tasks that wrap the pipeline's DVC stages."""

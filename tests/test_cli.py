@@ -1,0 +1,41 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from aesr1.cli import STAGES, main
+from aesr1.tracking import pipeline_id, project_root
+from conftest import REPO
+
+
+def test_every_dvc_stage_has_a_subcommand_with_help():
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    assert set(stages) <= set(STAGES)
+    for name in STAGES:
+        done = subprocess.run([Path(sys.executable).parent / "aesr1", name, "--help"], capture_output=True, text=True)
+        assert done.returncode == 0 and "--params" in done.stdout, name
+
+
+def test_bad_params_give_a_clear_error(tmp_path, capsys):
+    (tmp_path / "params.yaml").write_text("ingest:\n  train_sise: 10\n")
+    assert main(["ingest", "--params", str(tmp_path / "params.yaml")]) == 1
+    err = capsys.readouterr().err
+    assert "section 'ingest' is invalid" in err and "train_sise" in err
+    assert main(["ingest", "--params", str(tmp_path / "missing.yaml")]) == 1
+    assert "params file not found" in capsys.readouterr().err
+
+
+def test_queued_experiments_track_into_the_real_repository(tmp_path):
+    copy = tmp_path / "repo" / ".dvc" / "tmp" / "exps" / "tmpabc123"
+    copy.mkdir(parents=True)
+    (copy / "params.yaml").write_text("")
+    assert project_root(copy) == tmp_path / "repo"
+
+
+def test_pipeline_id_prefers_the_environment(monkeypatch):
+    monkeypatch.setenv("AESR1_PIPELINE_ID", "flow-run-1")
+    assert pipeline_id() == "flow-run-1"
+    monkeypatch.delenv("AESR1_PIPELINE_ID")
+    assert pipeline_id() != pipeline_id()  # a stage run by hand is its own pipeline
