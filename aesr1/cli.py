@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 
 def _synth(args: argparse.Namespace) -> None:
@@ -21,10 +22,44 @@ def _ingest(args: argparse.Namespace) -> None:
     run_stage("ingest", args.params, IngestConfig, ingest)
 
 
+def _distill(args: argparse.Namespace) -> None:
+    from aesr1.aescot.distill import DistillConfig, distill
+    from aesr1.stage import run_stage
+
+    run_stage("distill", args.params, DistillConfig, distill)
+
+
+def _filter(args: argparse.Namespace) -> None:
+    from aesr1.aescot.corpus import FilterStageConfig, filter_corpus
+    from aesr1.stage import run_stage
+
+    run_stage("filter", args.params, FilterStageConfig, filter_corpus)
+
+
+def _review(args: argparse.Namespace) -> None:
+    from aesr1.aescot import review
+    from aesr1.aescot.corpus import FilterStageConfig
+    from aesr1.config import load_section
+
+    cfg = load_section(args.params, "filter", FilterStageConfig)
+    if args.action == "export":
+        rows = review.export(cfg, args.file, args.passed_sample)
+        print(f"wrote {len(rows)} samples to {args.file} and {Path(args.file).with_suffix('.html')}; "
+              f"fill 'decision' (keep/reject), then: aesr1 review apply {args.file}")
+    else:
+        counts = review.apply(cfg, args.file)
+        print(f"applied {counts['applied']} decisions ({counts['keep']} keep, {counts['reject']} reject) to "
+              f"{cfg.review_decisions}; the filter stage honours them on its next run (dvc repro)")
+
+
 STAGES = {
     "synth": (_synth, "Generate AesSynth, the procedural dataset, in the five native formats (params: synth)."),
     "ingest": (_ingest, "Read the datasets' native annotation files into a checked train/test manifest "
                         "(params: ingest)."),
+    "distill": (_distill, "Ask a teacher for score-masked critiques of the training images and build "
+                          "<think>/<answer> trajectories (params: distill)."),
+    "filter": (_filter, "Triple-filter the distilled critiques (leak, align, fact), apply review decisions, "
+                        "check the AesCoT corpus (params: filter)."),
 }
 
 
@@ -35,6 +70,16 @@ def build_parser() -> argparse.ArgumentParser:
         cmd = sub.add_parser(name, help=help_text, description=help_text)
         cmd.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
         cmd.set_defaults(handler=handler)
+    review = sub.add_parser("review", help="Manual review of the AesCoT filter: export samples, apply decisions.",
+                            description="Manual review of the AesCoT filter (params: filter).")
+    review.add_argument("action", choices=["export", "apply"],
+                        help="export: write flagged + sampled passed samples to FILE (CSV + HTML); "
+                             "apply: merge FILE's decisions into filter.review_decisions")
+    review.add_argument("file", nargs="?", default="reviews/aescot_review.csv",
+                        help="review CSV (default: reviews/aescot_review.csv)")
+    review.add_argument("--passed-sample", type=int, default=50, help="passed samples to include (export)")
+    review.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    review.set_defaults(handler=_review)
     return parser
 
 
@@ -46,10 +91,11 @@ def main(argv: list[str] | None = None) -> int:
     from aesr1.checks import DataCheckError
     from aesr1.data.adapters import AnnotationError
     from aesr1.data.ingest import IngestError
+    from aesr1.aescot.distill import DistillError
 
     try:
         args.handler(args)
-    except (ParamsError, DataCheckError, AnnotationError, IngestError) as err:
+    except (ParamsError, DataCheckError, AnnotationError, IngestError, DistillError, ValueError) as err:
         print(f"aesr1 {args.command}: error: {err}", file=sys.stderr)
         return 1
     return 0

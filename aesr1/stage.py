@@ -31,6 +31,16 @@ class Recorder:
 
     def __init__(self) -> None:
         self.artifacts: list[tuple[Path, str | None]] = []
+        self.params: dict[str, str] = {}
+        self.tables: dict[str, object] = {}
+
+    def param(self, name: str, value: object) -> None:
+        """A run parameter the stage learns while running (e.g. a prompt's content hash)."""
+        self.params[name] = str(value)
+
+    def table(self, name: str, frame) -> None:
+        """A DataFrame to browse in the MLflow UI (``mlflow.log_table``)."""
+        self.tables[name] = frame
 
     def artifact(self, path: str | Path, folder: str | None = None) -> None:
         self.artifacts.append((Path(path), folder))
@@ -62,6 +72,10 @@ def run_stage(name: str, params_path: str | Path, cls: type[T], fn: Callable[[T,
             mlflow.log_metric("stage_seconds", time.perf_counter() - start)
             recorder.artifact(metrics_path)
         finally:
+            if recorder.params:
+                mlflow.log_params(recorder.params)
+            for table_name, frame in recorder.tables.items():
+                mlflow.log_table(frame, artifact_file=table_name)
             for path, folder in recorder.artifacts:
                 if path.is_dir():
                     mlflow.log_artifacts(str(path), artifact_path=folder or path.name)

@@ -10,9 +10,10 @@ import mlflow
 import pytest
 import yaml
 
-from conftest import cli_env, repo_copy
+from conftest import REPO, cli_env, repo_copy
 
 pytestmark = pytest.mark.slow
+STAGES = list(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"])
 
 SMALL_SIZES = {"ava": {"train": 50, "test": 15}, "tad66k": {"train": 50, "test": 15},
                "flickr_aes": {"train": 25, "test": 15}, "para": {"train": 0, "test": 15},
@@ -47,13 +48,17 @@ def test_dvc_repro_runs_every_stage_and_groups_mlflow_runs(small_repo, tmp_path)
     env = cli_env(tmp_path)
     run(["dvc", "repro"], small_repo, env)
     for path in ("data/ingest/train.parquet", "data/ingest/test.parquet", "data/ingest/rejected.parquet",
-                 "metrics/synth.json", "metrics/ingest.json", "dvc.lock"):
+                 "data/aescot/distilled.parquet", "data/aescot/distill_failures.parquet",
+                 "data/aescot/corpus.parquet", "data/aescot/filtered_out.parquet", "dvc.lock"):
         assert (small_repo / path).is_file(), path
+    for stage in STAGES:
+        assert (small_repo / "metrics" / f"{stage}.json").is_file(), stage
     assert json.loads((small_repo / "metrics/ingest.json").read_text())["train_size"] == 100
+    assert json.loads((small_repo / "metrics/filter.json").read_text())["corpus_size"] > 90
 
     runs = stage_runs(env["MLFLOW_TRACKING_URI"])
-    assert sorted(runs["tags.mlflow.runName"]) == ["ingest", "synth"]
-    assert runs["tags.mlflow.parentRunId"].nunique() == 1  # one pipeline run holds both stages
+    assert sorted(runs["tags.mlflow.runName"]) == sorted(STAGES)
+    assert runs["tags.mlflow.parentRunId"].nunique() == 1  # one pipeline run holds every stage
 
     assert "up to date" in run(["dvc", "repro"], small_repo, env)  # DVC decides nothing is stale
     assert "train_size" in run(["dvc", "metrics", "show"], small_repo, env)
@@ -70,9 +75,9 @@ def test_prefect_flow_runs_the_same_stages(small_repo, tmp_path, monkeypatch):
     with prefect_test_harness():
         state = pipeline(root=str(small_repo), force=True, return_state=True)
     assert state.is_completed(), state
-    assert state.result() == ["synth", "ingest"]
+    assert state.result() == STAGES
     runs = stage_runs(env["MLFLOW_TRACKING_URI"])
-    assert sorted(runs["tags.mlflow.runName"]) == ["ingest", "synth"]
+    assert sorted(runs["tags.mlflow.runName"]) == sorted(STAGES)
     assert runs["tags.aesr1.pipeline_id"].nunique() == 1
     with pytest.raises(ValueError, match="unknown stages"):
         with prefect_test_harness():

@@ -1,0 +1,1 @@
+"""AesCoT: score-masked critique distillation and triple filtering."""

@@ -1,0 +1,101 @@
+"""The distill stage: score-masked critiques from a teacher, turned into trajectories.
+
+For each training sample the teacher sees the image and its score band, never the
+score; the critique plus the ground-truth score becomes the policy's target
+(:func:`aesr1.trajectory.make_trajectory`). Samples the teacher could not critique
+are written with their reason to ``distill_failures.parquet``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import logging
+from collections import Counter
+from dataclasses import field
+from pathlib import Path
+
+import pandas as pd
+
+from aesr1.aescot import claims, teachers
+from aesr1.aescot.teachers import TeacherConfig, make_teacher, prompt_id
+from aesr1.config import config
+from aesr1.stage import Recorder
+from aesr1.trajectory import band_of, make_trajectory
+
+log = logging.getLogger("aesr1.distill")
+
+
+@config
+class DistillConfig:
+    """Params section ``distill``."""
+
+    train_manifest: str = "data/ingest/train.parquet"
+    out_dir: str = "data/aescot"
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    limit: int | None = None  # distil only the first N samples (a cheap trial with a paid teacher)
+    max_failure_rate: float = 0.05
+
+
+class DistillError(RuntimeError):
+    """Too many samples could not be critiqued."""
+
+
+def teacher_prompt_id(kind: str) -> str:
+    """What identifies the teacher's instructions: the templates' hash, or the analytic rules' source hash."""
+    if kind == "analytic":
+        source = inspect.getsource(claims) + inspect.getsource(teachers.AnalyticTeacher) + repr(teachers._NEUTRAL) \
+            + repr(teachers._VERDICTS)
+        return "analytic-rules@" + hashlib.sha256(source.encode()).hexdigest()[:12]
+    return prompt_id("teacher_system.txt", "teacher_user.txt")
+
+
+def distill(cfg: DistillConfig, recorder: Recorder) -> dict:
+    manifest = pd.read_parquet(cfg.train_manifest)
+    if cfg.limit is not None:
+        manifest = manifest.head(cfg.limit)
+    manifest = manifest.assign(band=manifest["score"].map(band_of))
+    teacher = make_teacher(cfg.teacher)
+    pid = teacher_prompt_id(cfg.teacher.kind)
+    teacher_id = "analytic" if cfg.teacher.kind == "analytic" else f"openai:{cfg.teacher.model}"
+    recorder.param("prompt_id", pid)
+    recorder.param("teacher_id", teacher_id)
+
+    items = list(zip(manifest.image_id, manifest.image_path, manifest.band))
+    log.info("distilling %d samples with teacher %s (%s)", len(items), teacher_id, pid)
+    results = {c.key: c for c in teacher.critique_many(items)}
+
+    rows, failures = [], []
+    for sample in manifest.itertuples(index=False):
+        result = results[sample.image_id]
+        if result.text is None:
+            failures.append({"image_id": sample.image_id, "image_path": sample.image_path,
+                             "reason": result.error, "attempts": result.attempts})
+            continue
+        rows.append({
+            "image_id": sample.image_id, "dataset": sample.dataset, "image_path": sample.image_path,
+            "score": float(sample.score), "band": sample.band, "critique": result.text,
+            "trajectory": make_trajectory(result.text, float(sample.score)),
+            "teacher": teacher_id, "prompt_id": pid,
+        })
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    distilled = pd.DataFrame(rows, columns=["image_id", "dataset", "image_path", "score", "band", "critique",
+                                            "trajectory", "teacher", "prompt_id"])
+    failed = pd.DataFrame(failures, columns=["image_id", "image_path", "reason", "attempts"])
+    distilled.to_parquet(out / "distilled.parquet", index=False)
+    failed.to_parquet(out / "distill_failures.parquet", index=False)
+    recorder.artifact(out / "distill_failures.parquet")
+
+    rate = len(failed) / len(manifest) if len(manifest) else 0.0
+    metrics = {
+        "samples": len(manifest), "distilled": len(distilled), "failed": len(failed), "failure_rate": rate,
+        "by_band": dict(Counter(distilled.band)),
+        "critique_words_mean": float(distilled.critique.str.split().str.len().mean()) if len(distilled) else 0.0,
+        "teacher_usage": teacher.usage(),
+    }
+    if rate > cfg.max_failure_rate:
+        reasons = Counter(failed.reason.str.split(":").str[0])
+        raise DistillError(f"{len(failed)}/{len(manifest)} samples failed ({rate:.1%} > max_failure_rate "
+                           f"{cfg.max_failure_rate:.1%}): {dict(reasons)}; see {out / 'distill_failures.parquet'}")
+    return metrics

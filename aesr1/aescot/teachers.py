@@ -1,0 +1,329 @@
+"""Teachers that critique an image given only its score band (never the score).
+
+- :class:`AnalyticTeacher` (offline default) measures the image and writes a
+  five-dimension critique from claims that hold for its pixels, in the band's tone.
+- :class:`OpenAITeacher` asks any OpenAI-compatible chat-completions endpoint, with the
+  image inline, bounded retries with exponential backoff and jitter, a content-keyed
+  on-disk cache and token/cost accounting. The API key comes from an environment
+  variable and is never logged or stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import logging
+import os
+import random
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from aesr1.aescot.claims import CLAIMS, DIMENSIONS, Claim
+from aesr1.aescot.filters import FilterConfig, polarity
+from aesr1.aescot.measure import ImageStats, measure_file
+from aesr1.config import config
+
+log = logging.getLogger("aesr1.distill")
+
+BAND_DESCRIPTIONS = {
+    "bad": "weak: it is in the lower part of the range",
+    "fair": "middling: it is in the middle of the range",
+    "good": "strong: it is in the upper part of the range",
+}
+
+
+def template(name: str) -> str:
+    return resources.files("aesr1").joinpath("templates", name).read_text()
+
+
+def prompt_id(*names: str) -> str:
+    """Names and content hash of the prompt templates, e.g. ``teacher_system+teacher_user@3f2a9c1b``."""
+    digest = hashlib.sha256("\0".join(template(n) for n in names).encode()).hexdigest()[:12]
+    return "+".join(n.removesuffix(".txt") for n in names) + "@" + digest
+
+
+@config
+class TeacherConfig:
+    """Params ``distill.teacher``."""
+
+    kind: str = "analytic"  # analytic | openai
+    seed: int = 0
+    base_url: str = "https://api.openai.com/v1"
+    model: str = "gpt-4.1"
+    api_key_env: str = "OPENAI_API_KEY"
+    concurrency: int = 8
+    timeout_s: float = 60.0
+    max_retries: int = 5
+    backoff_base_s: float = 1.0
+    backoff_max_s: float = 30.0
+    max_tokens: int = 400
+    temperature: float = 0.7
+    price_input_per_mtok: float | None = None  # USD per million prompt tokens, for the cost metric
+    price_output_per_mtok: float | None = None
+    cache_dir: str = "data/teacher_cache"
+
+
+@dataclass
+class Critique:
+    """A teacher's answer for one sample: the critique, or the reason it failed."""
+
+    key: str
+    text: str | None = None
+    error: str | None = None
+    attempts: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached: bool = False
+
+
+# ---------------------------------------------------------------- analytic teacher
+
+_NEUTRAL = {
+    "good": {
+        "lighting": ("the light is handled with care", "the lighting is assured and pleasing"),
+        "emotion & narrative": ("the scene has an engaging, calm mood", "there is a quiet, inviting feel to the scene"),
+        "composition": ("the arrangement feels balanced", "the framing is confident and clear"),
+        "color": ("the colour is appealing", "the tones are pleasing"),
+        "exposure": ("the brightness suits the subject", "the tonal range is pleasing"),
+    },
+    "fair": {
+        "lighting": ("the lighting is serviceable but unremarkable", "the light does its job without much character"),
+        "emotion & narrative": ("the mood is present but faint", "the scene hints at a story without quite telling one"),
+        "composition": ("the arrangement is ordinary", "the framing neither helps nor hurts much"),
+        "color": ("the colour is ordinary", "the tones are ordinary"),
+        "exposure": ("the brightness is acceptable", "the tonal range is ordinary"),
+    },
+    "bad": {
+        "lighting": ("the light does little for the subject", "the lighting is dull and lifeless"),
+        "emotion & narrative": ("the scene fails to create a mood", "no clear story or feeling emerges from the scene"),
+        "composition": ("the arrangement feels awkward", "the framing is weak and unresolved"),
+        "color": ("the colour is bland", "the tones feel lifeless"),
+        "exposure": ("the brightness does the subject no favours", "the tonal range is weak"),
+    },
+}
+_VERDICTS = {
+    "good": ("Overall, a compelling and polished image.", "Overall, the image is engaging and memorable.",
+             "Overall, a confident, satisfying picture."),
+    "fair": ("Overall, a competent image that stops short of memorable.",
+             "Overall, it has strengths and flaws in equal measure.", "Overall, pleasant but unremarkable."),
+    "bad": ("Overall, the image struggles to hold attention.", "Overall, its flaws outweigh what works.",
+            "Overall, it feels unresolved and weak."),
+}
+_LABELS = {"lighting": "Lighting", "emotion & narrative": "Emotion & narrative", "composition": "Composition",
+           "color": "Color", "exposure": "Exposure"}
+
+
+class AnalyticTeacher:
+    """Writes critiques from measured image statistics: every claim holds for the pixels."""
+
+    name = "analytic"
+
+    def __init__(self, cfg: TeacherConfig):
+        self.seed = cfg.seed
+
+    def choose_claims(self, stats: ImageStats, band: str) -> dict[str, list[Claim]]:
+        """The true claims to state per dimension, picked so the tone fits the band.
+
+        The good band leaves out criticism, the bad band praise (omission, never invention);
+        the fair band keeps both.
+        """
+        chosen = {}
+        for dim in DIMENSIONS:
+            holding = [c for c in CLAIMS if c.dimension == dim and c.holds(stats)]
+            if band == "good":
+                holding = [c for c in holding if c.polarity >= 0]
+            elif band == "bad":
+                holding = [c for c in holding if c.polarity <= 0]
+            chosen[dim] = holding[:2]
+        return chosen
+
+    def write(self, chosen: dict[str, list[Claim]], stats: ImageStats, band: str, rng: random.Random) -> str:
+        parts = []
+        for dim in DIMENSIONS:
+            claims = chosen.get(dim, [])
+            phrases = [rng.choice(c.phrases).format(light_from=stats.light_from) for c in claims]
+            if not phrases:
+                phrases = [rng.choice(_NEUTRAL[band][dim])]
+            body = rng.choice((", and ", "; ")).join(phrases) if len(phrases) > 1 else phrases[0]
+            parts.append(f"{_LABELS[dim]}: {body[0].upper()}{body[1:]}.")
+        parts.append(rng.choice(_VERDICTS[band]))
+        return " ".join(parts)
+
+    def critique(self, image_path: str, band: str, key: str) -> Critique:
+        """A critique whose tone passes the align filter's default thresholds.
+
+        If the draft's polarity is off for the band, the claim of the offending
+        polarity stated last is dropped and the critique rewritten.
+        """
+        stats = measure_file(image_path)
+        chosen = self.choose_claims(stats, band)
+        while True:
+            text = self.write(chosen, stats, band, random.Random(f"{self.seed}/{key}"))
+            tone = polarity(text).score
+            cfg = FilterConfig()
+            too_negative = tone < {"good": cfg.good_min, "fair": cfg.fair_min}.get(band, -1.0)
+            too_positive = tone > {"bad": cfg.bad_max, "fair": cfg.fair_max}.get(band, 1.0)
+            offending = -1 if too_negative else 1 if too_positive else 0
+            stated = [(dim, c) for dim in reversed(DIMENSIONS) for c in chosen[dim] if c.polarity == offending]
+            if not offending or not stated:
+                return Critique(key, text, attempts=1)
+            dim, claim = stated[0]
+            chosen[dim] = [c for c in chosen[dim] if c is not claim]
+
+    def critique_many(self, items: list[tuple[str, str, str]]) -> list[Critique]:
+        return [self.critique(path, band, key) for key, path, band in items]
+
+    def usage(self) -> dict:
+        return {}
+
+
+# ---------------------------------------------------------------- OpenAI-compatible teacher
+
+class _Retryable(Exception):
+    pass
+
+
+@dataclass
+class _Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    requests: int = 0
+    retries: int = 0
+    cache_hits: int = 0
+    errors_by_kind: dict[str, int] = field(default_factory=dict)
+
+
+class OpenAITeacher:
+    """Chat-completions teacher with retries, a content-keyed cache and usage accounting."""
+
+    name = "openai"
+
+    def __init__(self, cfg: TeacherConfig):
+        self.cfg = cfg
+        self.api_key = os.environ.get(cfg.api_key_env)
+        if not self.api_key:
+            raise RuntimeError(f"teacher.kind 'openai' needs an API key in the environment variable "
+                               f"{cfg.api_key_env} (the variable's name is set by distill.teacher.api_key_env)")
+        self.cache_dir = Path(cfg.cache_dir)
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        self.system = template("teacher_system.txt")
+        self.user = template("teacher_user.txt")
+        self.prompt_hash = prompt_id("teacher_system.txt", "teacher_user.txt")
+        self.totals = _Usage()
+
+    def cache_key(self, image_bytes: bytes, band: str) -> str:
+        digest = hashlib.sha256()
+        for part in (image_bytes, self.prompt_hash.encode(), self.cfg.model.encode(), band.encode()):
+            digest.update(hashlib.sha256(part).digest())
+        return digest.hexdigest()
+
+    def _messages(self, image_bytes: bytes, band: str) -> list[dict]:
+        mime = "image/png" if image_bytes[:4] == b"\x89PNG" else "image/jpeg"
+        url = f"data:{mime};base64,{base64.b64encode(image_bytes).decode()}"
+        return [
+            {"role": "system", "content": self.system},
+            {"role": "user", "content": [
+                {"type": "text", "text": self.user.format(band_description=BAND_DESCRIPTIONS[band])},
+                {"type": "image_url", "image_url": {"url": url}},
+            ]},
+        ]
+
+    def _backoff(self, attempt: int) -> float:
+        # full jitter: uniform in [0, min(max, base * 2^attempt)]
+        return random.uniform(0, min(self.cfg.backoff_max_s, self.cfg.backoff_base_s * 2**attempt))
+
+    def _count_error(self, kind: str) -> None:
+        self.totals.errors_by_kind[kind] = self.totals.errors_by_kind.get(kind, 0) + 1
+
+    async def _ask(self, client, key: str, image_path: str, band: str) -> Critique:
+        import httpx
+
+        image_bytes = Path(image_path).read_bytes()
+        cache_file = self.cache_dir / f"{self.cache_key(image_bytes, band)}.json"
+        if cache_file.is_file():
+            hit = json.loads(cache_file.read_text())
+            self.totals.cache_hits += 1
+            return Critique(key, hit["text"], cached=True)
+        body = {"model": self.cfg.model, "messages": self._messages(image_bytes, band),
+                "max_tokens": self.cfg.max_tokens, "temperature": self.cfg.temperature}
+        last_error = "no attempt made"
+        for attempt in range(self.cfg.max_retries + 1):
+            if attempt:
+                self.totals.retries += 1
+                await asyncio.sleep(self._backoff(attempt - 1))
+            try:
+                self.totals.requests += 1
+                response = await client.post("/chat/completions", json=body)
+                if response.status_code == 429 or response.status_code >= 500:
+                    raise _Retryable(f"HTTP {response.status_code}")
+                if response.status_code >= 400:  # a client error will not fix itself
+                    self._count_error(f"HTTP {response.status_code}")
+                    return Critique(key, error=f"HTTP {response.status_code}: {response.text[:200]}",
+                                    attempts=attempt + 1)
+                try:
+                    payload = response.json()
+                    text = payload["choices"][0]["message"]["content"]
+                except (ValueError, KeyError, IndexError, TypeError) as err:
+                    raise _Retryable(f"malformed response ({type(err).__name__})") from None
+                if not isinstance(text, str) or not text.strip():
+                    raise _Retryable("malformed response (empty content)")
+                usage = payload.get("usage") or {}
+                critique = Critique(key, text.strip(), attempts=attempt + 1,
+                                    prompt_tokens=int(usage.get("prompt_tokens", 0)),
+                                    completion_tokens=int(usage.get("completion_tokens", 0)))
+                self.totals.prompt_tokens += critique.prompt_tokens
+                self.totals.completion_tokens += critique.completion_tokens
+                tmp = cache_file.with_suffix(".tmp")
+                tmp.write_text(json.dumps({"text": critique.text, "model": self.cfg.model,
+                                           "prompt": self.prompt_hash, "usage": usage}))
+                tmp.replace(cache_file)  # atomic: a killed run never leaves half a cache entry
+                return critique
+            except _Retryable as err:
+                last_error = str(err)
+            except httpx.TimeoutException:
+                last_error = "timeout"
+            except httpx.TransportError as err:
+                last_error = f"connection error ({type(err).__name__})"
+            self._count_error(last_error.split(" (")[0])
+        return Critique(key, error=f"gave up after {self.cfg.max_retries + 1} attempts: {last_error}",
+                        attempts=self.cfg.max_retries + 1)
+
+    async def _run(self, items: list[tuple[str, str, str]]) -> list[Critique]:
+        import httpx
+
+        semaphore = asyncio.Semaphore(max(1, self.cfg.concurrency))
+        headers = {"Authorization": f"Bearer {self.api_key}"}
+        limits = httpx.Limits(max_connections=max(1, self.cfg.concurrency))
+        async with httpx.AsyncClient(base_url=self.cfg.base_url.rstrip("/"), headers=headers,
+                                     timeout=self.cfg.timeout_s, limits=limits) as client:
+            async def one(key, path, band):
+                async with semaphore:
+                    return await self._ask(client, key, path, band)
+            return await asyncio.gather(*(one(*item) for item in items))
+
+    def critique_many(self, items: list[tuple[str, str, str]]) -> list[Critique]:
+        """Critique ``(key, image_path, band)`` items concurrently; failures come back with a reason."""
+        return asyncio.run(self._run(items))
+
+    def usage(self) -> dict:
+        t = self.totals
+        out = {"prompt_tokens": t.prompt_tokens, "completion_tokens": t.completion_tokens,
+               "requests": t.requests, "retries": t.retries, "cache_hits": t.cache_hits,
+               "errors_by_kind": dict(t.errors_by_kind)}
+        if self.cfg.price_input_per_mtok is not None and self.cfg.price_output_per_mtok is not None:
+            out["cost_usd"] = (t.prompt_tokens * self.cfg.price_input_per_mtok
+                               + t.completion_tokens * self.cfg.price_output_per_mtok) / 1e6
+        return out
+
+
+TEACHERS = {"analytic": AnalyticTeacher, "openai": OpenAITeacher}
+
+
+def make_teacher(cfg: TeacherConfig):
+    if cfg.kind not in TEACHERS:
+        raise ValueError(f"distill.teacher.kind must be one of {sorted(TEACHERS)}, got {cfg.kind!r}")
+    return TEACHERS[cfg.kind](cfg)
+
