@@ -36,6 +36,27 @@ def _filter(args: argparse.Namespace) -> None:
     run_stage("filter", args.params, FilterStageConfig, filter_corpus)
 
 
+def _backbone(args: argparse.Namespace) -> None:
+    from aesr1.policy.backbone import BackboneConfig, backbone
+    from aesr1.stage import run_stage
+
+    run_stage("backbone", args.params, BackboneConfig, backbone)
+
+
+def _sft(args: argparse.Namespace) -> None:
+    from aesr1.policy.sft import SFTStageConfig, sft
+    from aesr1.stage import run_stage
+
+    run_stage("sft", args.params, SFTStageConfig, sft)
+
+
+def _rl(args: argparse.Namespace) -> None:
+    from aesr1.rl.grpo import RLStageConfig, rl
+    from aesr1.stage import run_stage
+
+    run_stage("rl", args.params, RLStageConfig, rl)
+
+
 def _review(args: argparse.Namespace) -> None:
     from aesr1.aescot import review
     from aesr1.aescot.corpus import FilterStageConfig
@@ -60,6 +81,10 @@ STAGES = {
                           "<think>/<answer> trajectories (params: distill)."),
     "filter": (_filter, "Triple-filter the distilled critiques (leak, align, fact), apply review decisions, "
                         "check the AesCoT corpus (params: filter)."),
+    "backbone": (_backbone, "Build the tiny Qwen2.5-VL (with descriptive pretraining) or point at a real VLM "
+                            "(params: backbone)."),
+    "sft": (_sft, "Cold-start SFT on the AesCoT corpus, then measure the starting entropy (params: sft)."),
+    "rl": (_rl, "RAPO: GRPO with the relative (rank) and absolute (error) rewards (params: rl)."),
 }
 
 

@@ -1,0 +1,1 @@
+"""The policy: backbone, cold-start SFT, generation."""

@@ -1,0 +1,119 @@
+"""Supervised fine-tuning of a VLM policy with trl's SFTTrainer: full or LoRA, resumable.
+
+Used by the backbone's descriptive pretraining and by the cold-start SFT stage alike.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Literal
+
+import torch
+from datasets import Dataset
+from transformers.trainer_utils import get_last_checkpoint
+
+from aesr1.config import config
+
+log = logging.getLogger("aesr1.train")
+
+# language-model projections only: the vision tower has MLPs with the same names
+LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+
+
+@config
+class TrainConfig:
+    """How to fine-tune. Defaults follow the Aes-R1 reference cold start (full FT, 1 epoch, lr 1e-5, cosine)."""
+
+    mode: Literal["full", "lora"] = "full"
+    epochs: float = 1.0
+    learning_rate: float = 1e-5
+    lr_scheduler: str = "cosine"
+    warmup: float = 0.0  # warm-up steps, or a fraction of all steps if below 1
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_length: int | None = None
+    freeze_vision: bool = True  # the reference freezes the vision tower and the projector
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    merge_lora: bool = True  # save a merged model (False: save the adapter beside the base)
+    save_steps: int = 200
+    logging_steps: int = 5
+    seed: int = 0
+    gradient_checkpointing: bool = False
+
+
+def freeze_vision(model) -> int:
+    """Freeze the vision tower and its merger (the projector); return the frozen parameter count."""
+    frozen = 0
+    for name, param in model.named_parameters():
+        if ".visual." in f".{name}":
+            param.requires_grad_(False)
+            frozen += param.numel()
+    return frozen
+
+
+def restore_weights(model, checkpoint: str) -> None:
+    """Load a full-model checkpoint's weights into ``model``.
+
+    The Trainer's own resume loads the raw state dict without the key renaming that
+    ``from_pretrained`` applies (Qwen2.5-VL saves ``visual.*``, the module is
+    ``model.visual.*``), so it silently restores nothing; this loads it properly first.
+    """
+    from transformers import AutoModelForImageTextToText
+
+    saved = AutoModelForImageTextToText.from_pretrained(checkpoint, dtype=next(model.parameters()).dtype)
+    model.load_state_dict(saved.state_dict(), strict=True)
+
+
+def run_fingerprint(*parts: object) -> str:
+    """A short hash of what a run depends on: a checkpoint is resumed only by the same run."""
+    return hashlib.sha256(json.dumps([str(p) for p in parts]).encode()).hexdigest()[:12]
+
+
+def fit(model, processor, dataset: Dataset, cfg: TrainConfig, checkpoint_dir: Path,
+        report_to: list[str] | None = None, callbacks: list | None = None):
+    """Train with SFTTrainer (loss on the completion only); resume from the last checkpoint if any.
+
+    Returns the trained model (LoRA merged if ``cfg.merge_lora``) and the trainer's state.
+    """
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    on_gpu = torch.cuda.is_available()
+    if cfg.freeze_vision:
+        log.info("froze %d vision parameters", freeze_vision(model))
+    peft_config = None
+    if cfg.mode == "lora":
+        peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                 target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
+    args = SFTConfig(
+        output_dir=str(checkpoint_dir), use_cpu=not on_gpu, bf16=on_gpu, num_train_epochs=cfg.epochs,
+        learning_rate=cfg.learning_rate, lr_scheduler_type=cfg.lr_scheduler, warmup_steps=cfg.warmup,
+        per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
+        max_length=cfg.max_length, logging_steps=cfg.logging_steps, save_strategy="steps", save_steps=cfg.save_steps,
+        save_total_limit=1, seed=cfg.seed, report_to=report_to or [],
+        gradient_checkpointing=cfg.gradient_checkpointing, completion_only_loss=True,
+        dataloader_num_workers=0, disable_tqdm=True,
+    )
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=processor,
+                         peft_config=peft_config, callbacks=callbacks)
+    last = get_last_checkpoint(str(checkpoint_dir)) if checkpoint_dir.is_dir() else None
+    if last:
+        log.info("resuming from %s", last)
+        if cfg.mode == "full":
+            restore_weights(trainer.model, last)
+    trainer.train(resume_from_checkpoint=last)
+    trained = trainer.model
+    if cfg.mode == "lora" and cfg.merge_lora:
+        trained = trained.merge_and_unload()
+    return trained, trainer.state
+
+
+def finish(checkpoint_dir: Path) -> None:
+    """Remove a finished run's checkpoints (they only serve to resume a killed run)."""
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)

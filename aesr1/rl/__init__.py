@@ -1,0 +1,1 @@
+"""RAPO reinforcement learning: rewards and GRPO training."""

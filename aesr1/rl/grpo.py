@@ -1,0 +1,225 @@
+"""The rl stage: RAPO, i.e. trl's GRPOTrainer with the relative + absolute rewards.
+
+Defaults follow the Aes-R1 reference: K = 4 generations, beta = 0.01 (k3 KL to the
+reference policy), epsilon 0.2 / epsilon_high 0.28 (asymmetric clipping), lr 1e-6
+(linear), temperature 1.0, 512 completion tokens, rewards normalised per image group.
+Loss type ``dapo``: the reference's token-level objective (every token of the batch
+weighs the same). With ``num_iterations: 1`` the probability ratio is exactly 1 and the
+clipping never acts (as in the reference); set it above 1 to make the clip real.
+
+A batch holds whole groups only: the per-device batch is ``images_per_device * K``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import field
+from pathlib import Path
+from typing import Literal
+
+import pandas as pd
+import torch
+from datasets import Dataset, Features, Image, List, Value
+from transformers import TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
+
+from aesr1.config import config
+from aesr1.policy.backbone import resolve_model
+from aesr1.policy.data import prompt_messages
+from aesr1.policy.generation import load_policy
+from aesr1.policy.train import LORA_TARGETS, finish, freeze_vision, restore_weights, run_fingerprint
+from aesr1.rl.reward_funcs import completion_text, make_reward_funcs, rewards_for_mode
+from aesr1.stage import Recorder
+from aesr1.trajectory import parse_score
+
+log = logging.getLogger("aesr1.rl")
+
+
+@config
+class RewardConfig:
+    mode: Literal["binary", "error", "rank", "binary+rank", "error+rank"] = "error+rank"
+    relative_weight: float = 0.5  # the paper's best relative:absolute is 0.5:0.5
+    absolute_weight: float = 0.5
+    format_weight: float = 1.0
+    sigma: float = 0.1
+    eps: float = 1e-5
+    gamma: float = 1e-6
+    ties: Literal["ge", "half"] = "ge"
+    binary_threshold: float = 0.0875  # Q-Insight's 0.35 on a 1-5 scale, on [0, 1]
+
+
+@config
+class GRPOParams:
+    """Reference values; the embedded default overrides them in params.yaml."""
+
+    num_generations: int = 4
+    images_per_device: int = 8
+    grad_accum: int = 2
+    epochs: float = 10.0
+    max_steps: int = -1
+    learning_rate: float = 1e-6
+    lr_scheduler: str = "linear"
+    beta: float = 0.01
+    epsilon: float = 0.2
+    epsilon_high: float = 0.28
+    num_iterations: int = 1
+    loss_type: str = "dapo"
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_completion_length: int = 512
+    mode: Literal["full", "lora"] = "full"
+    freeze_vision: bool = True
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    use_vllm: bool = False
+    vllm_mode: Literal["colocate", "server"] = "colocate"
+    logging_steps: int = 1
+    save_steps: int = 50
+    completions_table_every: int = 10  # steps between completion tables logged to MLflow
+    seed: int = 0
+
+
+@config
+class RLStageConfig:
+    """Params section ``rl``."""
+
+    model: str = "data/models/sft"  # data/models/backbone for RL without cold start
+    train_manifest: str = "data/ingest/train.parquet"
+    out_dir: str = "data/models/rapo"
+    checkpoint_root: str = "data/checkpoints"
+    train_images: int | None = None  # a subset of the training images (None: all)
+    log_model: bool = True
+    rewards: RewardConfig = field(default_factory=RewardConfig)
+    grpo: GRPOParams = field(default_factory=GRPOParams)
+
+
+_PROMPT = List({"role": Value("string"), "content": List({"type": Value("string"), "text": Value("string")})})
+
+
+def rl_dataset(frame: pd.DataFrame) -> Dataset:
+    """Prompts with one image each, plus the columns the rewards read (image_id, score)."""
+    rows = {"prompt": [prompt_messages()] * len(frame), "images": [[p] for p in frame.image_path],
+            "image_id": list(frame.image_id), "score": [float(s) for s in frame.score]}
+    features = Features({"prompt": _PROMPT, "images": List(Image()), "image_id": Value("string"),
+                         "score": Value("float64")})
+    return Dataset.from_dict(rows, features=features)
+
+
+class CompletionTables(TrainerCallback):
+    """Every N steps, log the latest completions with their parsed score and rewards to MLflow."""
+
+    def __init__(self, every: int):
+        self.every = every
+        self.trainer = None
+        self.logged: list[int] = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.trainer is None or not state.is_world_process_zero or state.global_step % self.every:
+            return control
+        logs = self.trainer._logs  # trl keeps the last generation batch here for its own log_completions
+        if not logs["completion"]:
+            return control
+        import mlflow
+
+        texts = [completion_text(c) for c in logs["completion"]]
+        table = pd.DataFrame({"step": state.global_step, "completion": texts,
+                              "parsed_score": [parse_score(t.strip()) for t in texts],
+                              **{f"reward_{k}": list(v) for k, v in logs["rewards"].items()},
+                              "advantage": list(logs["advantages"])})
+        mlflow.log_table(table, artifact_file=f"completions/step_{state.global_step:06d}.json")
+        self.logged.append(state.global_step)
+        return control
+
+
+def grpo_config(cfg: RLStageConfig, checkpoints: Path, reward_weights: list[float]):
+    from trl import GRPOConfig
+
+    g = cfg.grpo
+    on_gpu = torch.cuda.is_available()
+    return GRPOConfig(
+        output_dir=str(checkpoints), use_cpu=not on_gpu, bf16=on_gpu, seed=g.seed,
+        per_device_train_batch_size=g.images_per_device * g.num_generations,
+        gradient_accumulation_steps=g.grad_accum, num_generations=g.num_generations,
+        num_train_epochs=g.epochs, max_steps=g.max_steps, learning_rate=g.learning_rate,
+        lr_scheduler_type=g.lr_scheduler, beta=g.beta, epsilon=g.epsilon, epsilon_high=g.epsilon_high,
+        num_iterations=g.num_iterations, loss_type=g.loss_type, temperature=g.temperature, top_p=g.top_p,
+        max_completion_length=g.max_completion_length, reward_weights=reward_weights,
+        use_vllm=g.use_vllm, vllm_mode=g.vllm_mode, logging_steps=g.logging_steps, save_strategy="steps",
+        save_steps=g.save_steps, save_total_limit=1, report_to=["mlflow"], disable_tqdm=True,
+        dataloader_num_workers=0, shuffle_dataset=True,
+    )
+
+
+def rl(cfg: RLStageConfig, recorder: Recorder) -> dict:
+    from peft import LoraConfig
+    from trl import GRPOTrainer
+
+    import mlflow
+
+    train = pd.read_parquet(cfg.train_manifest)
+    if cfg.train_images is not None:
+        train = train.sample(min(cfg.train_images, len(train)), random_state=cfg.grpo.seed)
+    source = resolve_model(cfg.model)
+    model, processor = load_policy(source)
+    if cfg.grpo.freeze_vision:
+        freeze_vision(model)
+    names, weights = rewards_for_mode(cfg.rewards.mode, cfg.rewards.relative_weight, cfg.rewards.absolute_weight,
+                                      cfg.rewards.format_weight)
+    r = cfg.rewards
+    reward_funcs = make_reward_funcs(names, sigma=r.sigma, eps=r.eps, gamma=r.gamma, ties=r.ties,
+                                     binary_threshold=r.binary_threshold)
+    recorder.param("reward_functions", ",".join(names))
+    recorder.param("reward_weights", ",".join(map(str, weights)))
+    checkpoints = Path(cfg.checkpoint_root) / f"rl-{run_fingerprint(cfg, len(train), train.image_id.iloc[0])}"
+    peft_config = None
+    if cfg.grpo.mode == "lora":
+        peft_config = LoraConfig(r=cfg.grpo.lora_r, lora_alpha=cfg.grpo.lora_alpha,
+                                 lora_dropout=cfg.grpo.lora_dropout, target_modules=LORA_TARGETS,
+                                 task_type="CAUSAL_LM")
+    tables = CompletionTables(cfg.grpo.completions_table_every)
+    processor.tokenizer.padding_side = "left"
+    trainer = GRPOTrainer(model=model, reward_funcs=reward_funcs, args=grpo_config(cfg, checkpoints, weights),
+                          train_dataset=rl_dataset(train), processing_class=processor, peft_config=peft_config,
+                          callbacks=[tables])
+    tables.trainer = trainer
+    last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+    if last:
+        log.info("resuming from %s", last)
+        if cfg.grpo.mode == "full":
+            restore_weights(trainer.model, last)
+    log.info("RAPO on %s: %d images, rewards %s weights %s", source, len(train), names, weights)
+    trainer.train(resume_from_checkpoint=last)
+
+    trained = trainer.model
+    if cfg.grpo.mode == "lora":
+        trained = trained.merge_and_unload()
+    out = Path(cfg.out_dir)
+    trained.save_pretrained(out)
+    processor.save_pretrained(out)
+    finish(checkpoints)
+    if cfg.log_model:
+        mlflow.log_artifacts(str(out), artifact_path="model")
+
+    history = pd.DataFrame([h for h in trainer.state.log_history if "loss" in h])
+    history.to_csv(out / "training_history.csv", index=False)  # the reward/entropy curves
+
+    def first_last(column: str) -> dict:
+        if column not in history or history[column].dropna().empty:
+            return {"first": math.nan, "last": math.nan}
+        values = history[column].dropna()
+        window = max(1, len(values) // 5)
+        return {"first": float(values.head(window).mean()), "last": float(values.tail(window).mean())}
+
+    reward_columns = [c for c in history.columns if c.startswith("rewards/") and c.endswith("/mean")]
+    return {
+        "steps": int(trainer.state.global_step),
+        "train_images": len(train),
+        "reward": first_last("reward"),
+        **{c.removeprefix("rewards/").removesuffix("/mean"): first_last(c) for c in reward_columns},
+        "unparseable_rate": first_last("unparseable_rate"),
+        "entropy": first_last("entropy"),
+        "kl": first_last("kl"),
+        "completion_tables": len(tables.logged),
+    }

@@ -1,0 +1,158 @@
+"""The tiny backbone, the generic loading path, SFT (full and LoRA, resumable) and token entropy."""
+
+import json
+import math
+
+import pandas as pd
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from aesr1.policy.backbone import (BackboneConfig, PretrainConfig, TinyModelConfig, backbone, build_tokenizer,
+                                   resolve_model)
+from aesr1.policy.data import sft_dataset
+from aesr1.policy.generation import load_policy, sample, token_entropy
+from aesr1.policy.train import TrainConfig, fit
+from aesr1.stage import Recorder
+from aesr1.trajectory import make_trajectory, parse_score
+from conftest import write_jpeg
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+SMALL = TinyModelConfig(vocab_size=600, hidden_size=64, layers=2, heads=4, kv_heads=2, intermediate_size=128,
+                        vision_depth=2, vision_hidden_size=32, vision_heads=2, patch_size=8, image_size=32)
+
+
+@pytest.fixture(scope="module")
+def tiny_backbone(tmp_path_factory):
+    root = tmp_path_factory.mktemp("backbone")
+    cfg = BackboneConfig(out_dir=str(root / "backbone"), checkpoint_root=str(root / "ck"), tiny=SMALL,
+                         pretrain=PretrainConfig(samples=24, train=TrainConfig(epochs=1, learning_rate=2e-3, logging_steps=1,
+                                                                               batch_size=8, freeze_vision=False)))
+    metrics = backbone(cfg, Recorder())
+    return root / "backbone", metrics
+
+
+@pytest.fixture
+def trajectories(tmp_path):
+    rows = []
+    for i in range(12):
+        path = write_jpeg(tmp_path / f"{i}.jpg", value=20 * i, size=32)
+        score = round(i / 11, 2)
+        rows.append({"image_path": str(path), "score": score,
+                     "trajectory": make_trajectory(f"Exposure: the frame is {'dark' if i < 6 else 'bright'}.", score)})
+    return pd.DataFrame(rows)
+
+
+def test_tokenizer_round_trips_critiques_and_scores():
+    tokenizer = build_tokenizer(600)
+    text = make_trajectory("Lighting: Directional light falls from the left; the palette is harmonious. "
+                           "Überraschend: ünïcode still works.", 0.62)
+    ids = tokenizer(text)["input_ids"]
+    assert tokenizer.decode(ids) == text
+    # digits are single tokens, so a score is written digit by digit
+    assert [tokenizer.decode([i]) for i in tokenizer("0.62")["input_ids"]] == ["0", ".", "6", "2"]
+    for special in ("<|im_start|>", "<|im_end|>", "<|image_pad|>", "<|vision_start|>"):
+        assert len(tokenizer(special)["input_ids"]) == 1
+
+
+def test_tiny_backbone_saves_and_loads_through_the_generic_path(tiny_backbone):
+    folder, metrics = tiny_backbone
+    assert metrics["kind"] == "tiny" and metrics["pretrain_loss_last"] < metrics["pretrain_loss_first"]
+    assert json.loads((folder / "config.json").read_text())["model_type"] == "qwen2_5_vl"
+    model, processor = load_policy(resolve_model(folder))
+    assert type(model).__name__ == "Qwen2_5_VLForConditionalGeneration"
+    assert type(processor).__name__ == "Qwen2_5_VLProcessor"
+
+
+def test_a_real_backbone_is_pointed_at_not_copied(tmp_path, tiny_backbone):
+    folder, _ = tiny_backbone
+    metrics = backbone(BackboneConfig(name_or_path=str(folder), out_dir=str(tmp_path / "b")), Recorder())
+    assert metrics["model_type"] == "qwen2_5_vl"
+    assert resolve_model(tmp_path / "b") == str(folder)
+    assert not (tmp_path / "b" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_sft_lowers_the_loss_and_writes_a_loadable_model(tmp_path, tiny_backbone, trajectories, mode):
+    folder, _ = tiny_backbone
+    model, processor = load_policy(str(folder))
+    vision_before = {n: p.clone() for n, p in model.named_parameters() if ".visual." in f".{n}"}
+    cfg = TrainConfig(mode=mode, epochs=4, learning_rate=5e-3, batch_size=4, freeze_vision=True, lora_r=8, logging_steps=1,
+                      save_steps=1000)
+    trained, state = fit(model, processor, sft_dataset(trajectories, "trajectory"), cfg, tmp_path / "ck")
+    losses = [h["loss"] for h in state.log_history if "loss" in h]
+    assert losses[-1] < losses[0]
+    for name, param in trained.named_parameters():
+        if name in vision_before:
+            assert torch.equal(param, vision_before[name]), f"{name} moved although the vision tower is frozen"
+    trained.save_pretrained(tmp_path / "sft")
+    processor.save_pretrained(tmp_path / "sft")
+    reloaded, reloaded_processor = load_policy(str(tmp_path / "sft"))
+    assert not any("lora" in n for n, _ in reloaded.named_parameters())  # LoRA was merged
+    out = sample(reloaded, reloaded_processor, list(trajectories.image_path[:2]), n=2, max_new_tokens=12)
+    assert len(out.texts) == 4 and out.tokens > 0
+
+
+class _StopAt(TrainerCallback):
+    """Stops training at a step, as a killed run would, after its checkpoint is written."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+        return control
+
+
+def test_a_killed_sft_run_resumes_from_its_checkpoint(tmp_path, tiny_backbone, trajectories):
+    folder, _ = tiny_backbone
+    cfg = TrainConfig(epochs=2, learning_rate=1e-3, batch_size=4, save_steps=1)  # 6 steps in all
+    data = sft_dataset(trajectories, "trajectory")
+    model, processor = load_policy(str(folder))
+    _, state = fit(model, processor, data, cfg, tmp_path / "ck", callbacks=[_StopAt(2)])
+    assert state.global_step == 2 and (tmp_path / "ck" / "checkpoint-2").is_dir()
+    saved, _ = load_policy(str(tmp_path / "ck" / "checkpoint-2"))
+
+    steps_run = []
+
+    class _Count(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            steps_run.append(state.global_step)
+
+    class _WeightsAtStart(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            self.weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    at_start = _WeightsAtStart()
+    model, processor = load_policy(str(folder))
+    fresh = {n: p.detach().clone() for n, p in model.named_parameters()}
+    _, state = fit(model, processor, data, cfg, tmp_path / "ck", callbacks=[_Count(), at_start])
+    assert state.global_step == 6 and steps_run == [3, 4, 5, 6]
+    # training went on from the checkpoint's weights, not from the fresh backbone's
+    for name, param in saved.named_parameters():
+        assert torch.equal(at_start.weights[name], param), name
+    assert any(not torch.equal(fresh[n], p) for n, p in saved.named_parameters())
+
+
+def test_token_entropy_known_answers():
+    vocab = 50
+    uniform = torch.zeros(2, 3, vocab)
+    mask = torch.ones(2, 3)
+    assert token_entropy(uniform, mask).item() == pytest.approx(math.log(vocab))
+    peaked = torch.full((1, 2, vocab), -1e4)
+    peaked[..., 0] = 0
+    assert token_entropy(peaked, torch.ones(1, 2)).item() == pytest.approx(0.0, abs=1e-6)
+    # masked positions do not count; temperature sharpens
+    mixed = torch.cat([uniform[:1, :1], peaked[:, :1]], dim=1)
+    assert token_entropy(mixed, torch.tensor([[1.0, 0.0]])).item() == pytest.approx(math.log(vocab))
+    two = torch.tensor([[[0.0, math.log(3.0)]]])  # probabilities 1/4, 3/4
+    expected = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))
+    assert token_entropy(two, torch.ones(1, 1)).item() == pytest.approx(expected, rel=1e-5)
+    assert token_entropy(two, torch.ones(1, 1), temperature=0.5).item() < expected
+
+
+def test_scores_parse_from_sampled_text_only_when_well_formed():
+    assert parse_score(make_trajectory("ok", 0.3)) == 0.3
+    assert math.isnan(parse_score("<think>ok</think><answer>0.3"))

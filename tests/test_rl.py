@@ -1,0 +1,103 @@
+"""trl reward functions (grouping by image id) and a short RAPO run on the tiny model."""
+
+import json
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+
+from aesr1.rl.reward_funcs import make_reward_funcs, rewards_for_mode
+from aesr1.rl.rewards import rapo_rewards
+from aesr1.trajectory import make_trajectory
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def conversation(text):
+    return [{"role": "assistant", "content": text}]
+
+
+def test_reward_functions_match_the_core_on_a_shuffled_batch():
+    rng = np.random.default_rng(0)
+    n, k = 5, 4
+    pred = rng.random((n, k)).round(2)
+    pred[1, 2] = np.nan
+    gt = rng.random(n)
+    rows = [(f"img{i}", i, j) for i in range(n) for j in range(k)]
+    order = rng.permutation(len(rows))  # completions arrive in any order
+    rows = [rows[o] for o in order]
+    completions = [conversation("garbage" if np.isnan(pred[i, j]) else make_trajectory("ok", pred[i, j]))
+                   for _, i, j in rows]
+    kwargs = dict(prompts=[None] * len(rows), completions=completions, completion_ids=None,
+                  image_id=[r[0] for r in rows], score=[gt[r[1]] for r in rows])
+    rank_fn, abs_fn, format_fn = make_reward_funcs(["rank", "absolute", "format"])
+    logged = {}
+    rank = rank_fn(**kwargs, log_metric=lambda name, value: logged.setdefault(name, value))
+    absolute = abs_fn(**kwargs)
+    # the core on the same data, in image order; row order within a group does not matter to the core
+    core_rank, core_abs = rapo_rewards(pred, gt)
+    for (image, i, j), r, a in zip(rows, rank, absolute):
+        assert r == pytest.approx(core_rank[i, j]) and a == pytest.approx(core_abs[i, j])
+    assert format_fn(**kwargs) == [0.0 if np.isnan(pred[i, j]) else 1.0 for _, i, j in rows]
+    assert logged["unparseable_rate"] == pytest.approx(1 / 20)
+
+
+def test_grouping_ignores_row_order_mixing():
+    """Two images whose rows interleave are still two groups (the reference would mix them)."""
+    completions = [conversation(make_trajectory("x", s)) for s in (0.9, 0.1, 0.8, 0.2)]
+    kwargs = dict(prompts=[None] * 4, completions=completions, completion_ids=None,
+                  image_id=["a", "b", "a", "b"], score=[0.85, 0.15, 0.85, 0.15])
+    (rank_fn,) = make_reward_funcs(["rank"])
+    core, _ = rapo_rewards(np.array([[0.9, 0.8], [0.1, 0.2]]), np.array([0.85, 0.15]))
+    assert rank_fn(**kwargs) == pytest.approx([core[0, 0], core[1, 0], core[0, 1], core[1, 1]])
+
+
+def test_binary_reward_and_modes():
+    (binary,) = make_reward_funcs(["binary"], binary_threshold=0.1)
+    out = binary(prompts=None, completions=[conversation(make_trajectory("x", 0.5)), conversation("bad")],
+                 completion_ids=None, image_id=["a", "a"], score=[0.55, 0.55])
+    assert out == [1.0, 0.0]
+    assert rewards_for_mode("error+rank") == (["rank", "absolute", "format"], [0.5, 0.5, 1.0])
+    assert rewards_for_mode("rank") == (["rank", "format"], [1.0, 1.0])
+    assert rewards_for_mode("binary+rank", 0.3, 0.7) == (["rank", "binary", "format"], [0.3, 0.7, 1.0])
+    with pytest.raises(ValueError, match="reward mode"):
+        rewards_for_mode("score")
+
+
+@pytest.mark.slow
+def test_a_short_rapo_run_logs_rewards_and_saves_a_loadable_model(tmp_path, monkeypatch):
+    from test_policy import SMALL
+
+    from aesr1.policy.backbone import BackboneConfig, PretrainConfig, backbone
+    from aesr1.policy.generation import load_policy
+    from aesr1.policy.train import TrainConfig
+    from aesr1.rl.grpo import GRPOParams, RLStageConfig, rl
+    from aesr1.stage import Recorder
+    from aesr1.tracking import stage_run
+    from conftest import write_jpeg
+
+    backbone(BackboneConfig(out_dir=str(tmp_path / "backbone"), checkpoint_root=str(tmp_path / "ck"), tiny=SMALL,
+                            pretrain=PretrainConfig(samples=8, train=TrainConfig(epochs=1, batch_size=8))),
+             Recorder())
+    rows = [{"image_id": f"ava/{i}", "image_path": str(write_jpeg(tmp_path / f"{i}.jpg", 25 * i, 32)),
+             "score": i / 9, "dataset": "ava"} for i in range(8)]
+    pd.DataFrame(rows).to_parquet(tmp_path / "train.parquet")
+    cfg = RLStageConfig(model=str(tmp_path / "backbone"), train_manifest=str(tmp_path / "train.parquet"),
+                        out_dir=str(tmp_path / "rapo"), checkpoint_root=str(tmp_path / "ck"),
+                        grpo=GRPOParams(images_per_device=2, grad_accum=1, max_steps=3, learning_rate=1e-3,
+                                        max_completion_length=12, completions_table_every=2, save_steps=100,
+                                        num_iterations=2))
+    monkeypatch.chdir(tmp_path)
+    with stage_run("rl", {}, root=tmp_path) as run:
+        metrics = rl(cfg, Recorder())
+    assert metrics["steps"] == 3 and metrics["completion_tables"] == 1
+    logged = mlflow.get_run(run.info.run_id).data.metrics
+    for name in ("rewards/rank_reward/mean", "rewards/absolute_reward/mean", "rewards/format_reward/mean",
+                 "unparseable_rate", "entropy", "kl", "completions/mean_length"):
+        assert name in logged, name
+    assert any(k.startswith("clip_ratio") for k in logged)
+    table = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="completions")
+    assert json.loads(next(iter(sorted(__import__("pathlib").Path(table).iterdir()))).read_text())["columns"]
+    model, _ = load_policy(str(tmp_path / "rapo"))
+    assert type(model).__name__ == "Qwen2_5_VLForConditionalGeneration"
