@@ -27,6 +27,14 @@ def small_repo(tmp_path_factory):
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["synth"]["sizes"] = SMALL_SIZES
     params["ingest"].update(train_size=100, min_test_per_dataset=5, max_reject_rate=0.2)
+    params["backbone"]["tiny"].update(hidden_size=64, intermediate_size=128, layers=2, vision_hidden_size=32,
+                                      vision_heads=2, image_size=32)
+    params["backbone"]["pretrain"].update(samples=32)
+    params["backbone"]["pretrain"]["train"].update(epochs=1)
+    params["sft"]["train"].update(epochs=1)
+    params["sft"]["heldout"].update(samples=8, max_new_tokens=24)
+    params["rl"]["grpo"].update(max_steps=2, images_per_device=2, max_completion_length=16)
+    params["rl"]["heldout"].update(samples=8, max_new_tokens=24)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return root
 

@@ -72,6 +72,7 @@ def test_a_short_rapo_run_logs_rewards_and_saves_a_loadable_model(tmp_path, monk
     from aesr1.policy.backbone import BackboneConfig, PretrainConfig, backbone
     from aesr1.policy.generation import load_policy
     from aesr1.policy.train import TrainConfig
+    from aesr1.policy.sft import HeldoutConfig
     from aesr1.rl.grpo import GRPOParams, RLStageConfig, rl
     from aesr1.stage import Recorder
     from aesr1.tracking import stage_run
@@ -84,6 +85,8 @@ def test_a_short_rapo_run_logs_rewards_and_saves_a_loadable_model(tmp_path, monk
              "score": i / 9, "dataset": "ava"} for i in range(8)]
     pd.DataFrame(rows).to_parquet(tmp_path / "train.parquet")
     cfg = RLStageConfig(model=str(tmp_path / "backbone"), train_manifest=str(tmp_path / "train.parquet"),
+                        test_manifest=str(tmp_path / "train.parquet"),
+                        heldout=HeldoutConfig(samples=4, datasets=["ava"], max_new_tokens=12),
                         out_dir=str(tmp_path / "rapo"), checkpoint_root=str(tmp_path / "ck"),
                         grpo=GRPOParams(images_per_device=2, grad_accum=1, max_steps=3, learning_rate=1e-3,
                                         max_completion_length=12, completions_table_every=2, save_steps=100,
@@ -92,6 +95,7 @@ def test_a_short_rapo_run_logs_rewards_and_saves_a_loadable_model(tmp_path, monk
     with stage_run("rl", {}, root=tmp_path) as run:
         metrics = rl(cfg, Recorder())
     assert metrics["steps"] == 3 and metrics["completion_tables"] == 1
+    assert metrics["heldout"]["heldout_images"] == 4
     logged = mlflow.get_run(run.info.run_id).data.metrics
     for name in ("rewards/rank_reward/mean", "rewards/absolute_reward/mean", "rewards/format_reward/mean",
                  "unparseable_rate", "entropy", "kl", "completions/mean_length"):
@@ -101,3 +105,48 @@ def test_a_short_rapo_run_logs_rewards_and_saves_a_loadable_model(tmp_path, monk
     assert json.loads(next(iter(sorted(__import__("pathlib").Path(table).iterdir()))).read_text())["columns"]
     model, _ = load_policy(str(tmp_path / "rapo"))
     assert type(model).__name__ == "Qwen2_5_VLForConditionalGeneration"
+
+
+def _rank_on_one_process(rank, world, port, rows, queue):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        local = rows  # this process's rows: whole groups of its own images
+        (rank_fn,) = make_reward_funcs(["rank"])
+        out = rank_fn(prompts=None, completions=[conversation(make_trajectory("x", p)) for _, p, _ in local],
+                      completion_ids=None, image_id=[i for i, _, _ in local], score=[s for _, _, s in local])
+        queue.put((rank, out))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_rank_reward_ranks_the_global_batch_across_processes():
+    """Two processes (gloo on loopback) each hold half the images; each gets the global ranking's slice."""
+    import multiprocessing
+    import socket
+
+    rng = np.random.default_rng(1)
+    n, k = 6, 3
+    pred, gt = rng.random((n, k)).round(2), rng.random(n)
+    groups = [[(f"img{i}", pred[i, j], gt[i]) for j in range(k)] for i in range(n)]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    halves = {r: [row for group in groups[r::2] for row in group] for r in (0, 1)}
+    procs = [ctx.Process(target=_rank_on_one_process, args=(r, 2, port, halves[r], queue)) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    results = dict(queue.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    core, _ = rapo_rewards(pred, gt)
+    for r in (0, 1):
+        images = list(range(r, n, 2))
+        expected = [core[i, j] for i in images for j in range(k)]
+        assert results[r] == pytest.approx(expected)
+    # ranking one process's half alone would differ: the gather matters
+    alone, _ = rapo_rewards(pred[0::2], gt[0::2])
+    assert not np.allclose(alone.ravel(), results[0])

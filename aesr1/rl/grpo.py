@@ -28,6 +28,7 @@ from aesr1.config import config
 from aesr1.policy.backbone import resolve_model
 from aesr1.policy.data import prompt_messages
 from aesr1.policy.generation import load_policy
+from aesr1.policy.sft import HeldoutConfig, heldout_images, probe
 from aesr1.policy.train import LORA_TARGETS, finish, freeze_vision, restore_weights, run_fingerprint
 from aesr1.rl.reward_funcs import completion_text, make_reward_funcs, rewards_for_mode
 from aesr1.stage import Recorder
@@ -89,8 +90,10 @@ class RLStageConfig:
     train_manifest: str = "data/ingest/train.parquet"
     out_dir: str = "data/models/rapo"
     checkpoint_root: str = "data/checkpoints"
+    test_manifest: str = "data/ingest/test.parquet"
     train_images: int | None = None  # a subset of the training images (None: all)
     log_model: bool = True
+    heldout: HeldoutConfig = field(default_factory=HeldoutConfig)  # the same probe as after SFT
     rewards: RewardConfig = field(default_factory=RewardConfig)
     grpo: GRPOParams = field(default_factory=GRPOParams)
 
@@ -170,8 +173,8 @@ def rl(cfg: RLStageConfig, recorder: Recorder) -> dict:
     r = cfg.rewards
     reward_funcs = make_reward_funcs(names, sigma=r.sigma, eps=r.eps, gamma=r.gamma, ties=r.ties,
                                      binary_threshold=r.binary_threshold)
-    recorder.param("reward_functions", ",".join(names))
-    recorder.param("reward_weights", ",".join(map(str, weights)))
+    recorder.param("rapo.reward_functions", ",".join(names))
+    recorder.param("rapo.reward_weights", ",".join(map(str, weights)))
     checkpoints = Path(cfg.checkpoint_root) / f"rl-{run_fingerprint(cfg, len(train), train.image_id.iloc[0])}"
     peft_config = None
     if cfg.grpo.mode == "lora":
@@ -213,7 +216,11 @@ def rl(cfg: RLStageConfig, recorder: Recorder) -> dict:
         return {"first": float(values.head(window).mean()), "last": float(values.tail(window).mean())}
 
     reward_columns = [c for c in history.columns if c.startswith("rewards/") and c.endswith("/mean")]
+    trained.eval()
+    heldout, table = probe(trained, processor, heldout_images(cfg.test_manifest, cfg.heldout), cfg.heldout)
+    recorder.table("heldout_completions.json", table.head(50))
     return {
+        "heldout": heldout,
         "steps": int(trainer.state.global_step),
         "train_images": len(train),
         "reward": first_last("reward"),
