@@ -8,53 +8,15 @@ import sys
 from pathlib import Path
 
 
-def _synth(args: argparse.Namespace) -> None:
-    from aesr1.data.synth import SynthConfig, synth_stage
+def _run_stage(args: argparse.Namespace) -> None:
+    """Import the stage lazily (torch, trl, GE are slow to import) and run it by the stage pattern."""
+    import importlib
+
     from aesr1.stage import run_stage
 
-    run_stage("synth", args.params, SynthConfig, synth_stage)
-
-
-def _ingest(args: argparse.Namespace) -> None:
-    from aesr1.data.ingest import IngestConfig, ingest
-    from aesr1.stage import run_stage
-
-    run_stage("ingest", args.params, IngestConfig, ingest)
-
-
-def _distill(args: argparse.Namespace) -> None:
-    from aesr1.aescot.distill import DistillConfig, distill
-    from aesr1.stage import run_stage
-
-    run_stage("distill", args.params, DistillConfig, distill)
-
-
-def _filter(args: argparse.Namespace) -> None:
-    from aesr1.aescot.corpus import FilterStageConfig, filter_corpus
-    from aesr1.stage import run_stage
-
-    run_stage("filter", args.params, FilterStageConfig, filter_corpus)
-
-
-def _backbone(args: argparse.Namespace) -> None:
-    from aesr1.policy.backbone import BackboneConfig, backbone
-    from aesr1.stage import run_stage
-
-    run_stage("backbone", args.params, BackboneConfig, backbone)
-
-
-def _sft(args: argparse.Namespace) -> None:
-    from aesr1.policy.sft import SFTStageConfig, sft
-    from aesr1.stage import run_stage
-
-    run_stage("sft", args.params, SFTStageConfig, sft)
-
-
-def _rl(args: argparse.Namespace) -> None:
-    from aesr1.rl.grpo import RLStageConfig, rl
-    from aesr1.stage import run_stage
-
-    run_stage("rl", args.params, RLStageConfig, rl)
+    module_name, config_name, function_name, _ = STAGES[args.command]
+    module = importlib.import_module(module_name)
+    run_stage(args.command, args.params, getattr(module, config_name), getattr(module, function_name))
 
 
 def _review(args: argparse.Namespace) -> None:
@@ -73,28 +35,34 @@ def _review(args: argparse.Namespace) -> None:
               f"{cfg.review_decisions}; the filter stage honours them on its next run (dvc repro)")
 
 
+# stage -> (module, config class, stage function, help)
 STAGES = {
-    "synth": (_synth, "Generate AesSynth, the procedural dataset, in the five native formats (params: synth)."),
-    "ingest": (_ingest, "Read the datasets' native annotation files into a checked train/test manifest "
-                        "(params: ingest)."),
-    "distill": (_distill, "Ask a teacher for score-masked critiques of the training images and build "
-                          "<think>/<answer> trajectories (params: distill)."),
-    "filter": (_filter, "Triple-filter the distilled critiques (leak, align, fact), apply review decisions, "
-                        "check the AesCoT corpus (params: filter)."),
-    "backbone": (_backbone, "Build the tiny Qwen2.5-VL (with descriptive pretraining) or point at a real VLM "
-                            "(params: backbone)."),
-    "sft": (_sft, "Cold-start SFT on the AesCoT corpus, then measure the starting entropy (params: sft)."),
-    "rl": (_rl, "RAPO: GRPO with the relative (rank) and absolute (error) rewards (params: rl)."),
+    "synth": ("aesr1.data.synth", "SynthConfig", "synth_stage",
+              "Generate AesSynth, the procedural dataset, in the five native formats (params: synth)."),
+    "ingest": ("aesr1.data.ingest", "IngestConfig", "ingest",
+               "Read the datasets' native annotation files into a checked train/test manifest (params: ingest)."),
+    "distill": ("aesr1.aescot.distill", "DistillConfig", "distill",
+                "Ask a teacher for score-masked critiques of the training images and build <think>/<answer> "
+                "trajectories (params: distill)."),
+    "filter": ("aesr1.aescot.corpus", "FilterStageConfig", "filter_corpus",
+               "Triple-filter the distilled critiques (leak, align, fact), apply review decisions, check the "
+               "AesCoT corpus (params: filter)."),
+    "backbone": ("aesr1.policy.backbone", "BackboneConfig", "backbone",
+                 "Build the tiny Qwen2.5-VL (with descriptive pretraining) or point at a real VLM (params: backbone)."),
+    "sft": ("aesr1.policy.sft", "SFTStageConfig", "sft",
+            "Cold-start SFT on the AesCoT corpus, then measure the starting entropy (params: sft)."),
+    "rl": ("aesr1.rl.grpo", "RLStageConfig", "rl",
+           "RAPO: GRPO with the relative (rank) and absolute (error) rewards (params: rl)."),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aesr1", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="STAGE")
-    for name, (handler, help_text) in STAGES.items():
+    for name, (*_, help_text) in STAGES.items():
         cmd = sub.add_parser(name, help=help_text, description=help_text)
         cmd.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-        cmd.set_defaults(handler=handler)
+        cmd.set_defaults(handler=_run_stage)
     review = sub.add_parser("review", help="Manual review of the AesCoT filter: export samples, apply decisions.",
                             description="Manual review of the AesCoT filter (params: filter).")
     review.add_argument("action", choices=["export", "apply"],
