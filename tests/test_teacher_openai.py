@@ -1,6 +1,5 @@
 """The OpenAI-compatible teacher against a real HTTP server on loopback that injects faults."""
 
-import os
 import signal
 import subprocess
 import sys

@@ -20,7 +20,7 @@ from aesr1.metrics import correlations
 from aesr1.policy.backbone import resolve_model
 from aesr1.policy.data import sft_dataset
 from aesr1.policy.generation import load_policy, sample
-from aesr1.policy.train import TrainConfig, finish, fit, run_fingerprint
+from aesr1.policy.train import TrainConfig, fit, run_fingerprint, save_policy
 from aesr1.stage import Recorder
 from aesr1.trajectory import parse_score
 
@@ -72,8 +72,6 @@ def probe(model, processor, images: pd.DataFrame, cfg: HeldoutConfig) -> tuple[d
 
 
 def sft(cfg: SFTStageConfig, recorder: Recorder) -> dict:
-    import mlflow
-
     corpus = pd.read_parquet(cfg.corpus)
     source = resolve_model(cfg.model)
     model, processor = load_policy(source)
@@ -81,12 +79,7 @@ def sft(cfg: SFTStageConfig, recorder: Recorder) -> dict:
     checkpoints = Path(cfg.checkpoint_root) / f"sft-{run_fingerprint(cfg, len(corpus), corpus.image_id.iloc[0])}"
     log.info("SFT of %s on %d trajectories (%s, %s epochs)", source, len(corpus), cfg.train.mode, cfg.train.epochs)
     model, state = fit(model, processor, dataset, cfg.train, checkpoints, report_to=["mlflow"])
-    out = Path(cfg.out_dir)
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    finish(checkpoints)
-    if cfg.log_model:
-        mlflow.log_artifacts(str(out), artifact_path="model")
+    save_policy(model, processor, cfg.out_dir, checkpoints, cfg.log_model)
 
     processor.tokenizer.padding_side = "left"
     probe_metrics, table = probe(model, processor, heldout_images(cfg.test_manifest, cfg.heldout), cfg.heldout)

@@ -117,3 +117,16 @@ def fit(model, processor, dataset: Dataset, cfg: TrainConfig, checkpoint_dir: Pa
 def finish(checkpoint_dir: Path) -> None:
     """Remove a finished run's checkpoints (they only serve to resume a killed run)."""
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
+
+
+def save_policy(model, processor, out_dir: str | Path, checkpoint_dir: Path, log_model: bool) -> Path:
+    """Save a trained policy as an ordinary model folder, drop its checkpoints, optionally copy it to MLflow."""
+    out = Path(out_dir)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    finish(checkpoint_dir)
+    if log_model:
+        import mlflow
+
+        mlflow.log_artifacts(str(out), artifact_path="model")
+    return out

@@ -29,7 +29,7 @@ from aesr1.policy.backbone import resolve_model
 from aesr1.policy.data import prompt_messages
 from aesr1.policy.generation import load_policy
 from aesr1.policy.sft import HeldoutConfig, heldout_images, probe
-from aesr1.policy.train import LORA_TARGETS, finish, freeze_vision, restore_weights, run_fingerprint
+from aesr1.policy.train import LORA_TARGETS, freeze_vision, restore_weights, run_fingerprint, save_policy
 from aesr1.rl.reward_funcs import completion_text, make_reward_funcs, rewards_for_mode
 from aesr1.stage import Recorder
 from aesr1.trajectory import parse_score
@@ -159,8 +159,6 @@ def rl(cfg: RLStageConfig, recorder: Recorder) -> dict:
     from peft import LoraConfig
     from trl import GRPOTrainer
 
-    import mlflow
-
     train = pd.read_parquet(cfg.train_manifest)
     if cfg.train_images is not None:
         train = train.sample(min(cfg.train_images, len(train)), random_state=cfg.grpo.seed)
@@ -198,12 +196,7 @@ def rl(cfg: RLStageConfig, recorder: Recorder) -> dict:
     trained = trainer.model
     if cfg.grpo.mode == "lora":
         trained = trained.merge_and_unload()
-    out = Path(cfg.out_dir)
-    trained.save_pretrained(out)
-    processor.save_pretrained(out)
-    finish(checkpoints)
-    if cfg.log_model:
-        mlflow.log_artifacts(str(out), artifact_path="model")
+    out = save_policy(trained, processor, cfg.out_dir, checkpoints, cfg.log_model)
 
     history = pd.DataFrame([h for h in trainer.state.log_history if "loss" in h])
     history.to_csv(out / "training_history.csv", index=False)  # the reward/entropy curves
