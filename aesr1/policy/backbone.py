@@ -146,8 +146,7 @@ def tokenizer_corpus() -> list[str]:
     texts = [policy_prompt(), DESCRIBE_PROMPT, "system\nYou are a helpful assistant.\nuser\nassistant\n"]
     for claim in CLAIMS:
         texts += [p.format(light_from=d) for p in claim.phrases for d in ("left", "right", "top", "bottom")]
-    for table in (teachers._NEUTRAL, ):
-        texts += [p for band in table.values() for phrases in band.values() for p in phrases]
+    texts += [p for band in teachers._NEUTRAL.values() for phrases in band.values() for p in phrases]
     texts += [v for verdicts in teachers._VERDICTS.values() for v in verdicts]
     texts += [f"{label}: " for label in teachers._LABELS.values()]
     texts += [make_trajectory("x", s / 100) for s in range(101)]
