@@ -6,7 +6,7 @@ downscaled to at most 128 px on the long side first, for speed and scale invaria
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,9 +34,6 @@ class ImageStats:
     subject_separation: float  # |luminance(subject) - luminance(background)|
     clutter: float  # number of small salient blobs outside the subject
     fragmentation: float  # strength of straight block edges in the background (a jumble of patches)
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def load_rgb(path: str | Path, max_side: int = 128) -> np.ndarray:
