@@ -53,7 +53,52 @@ STAGES = {
             "Cold-start SFT on the AesCoT corpus, then measure the starting entropy (params: sft)."),
     "rl": ("aesr1.rl.grpo", "RLStageConfig", "rl",
            "RAPO: GRPO with the relative (rank) and absolute (error) rewards (params: rl)."),
+    "evaluate": ("aesr1.evaluation.stage", "EvaluateConfig", "evaluate",
+                 "Score every test set with each model: PLCC/SRCC, unparseable rate, noise ceiling, critique "
+                 "quality, entropy, plots, report; register the RAPO model in MLflow (params: evaluate)."),
 }
+
+PIPELINE_MODELS = ("data/models/rapo", "data/models/sft")
+
+
+def _score(args: argparse.Namespace) -> int:
+    """Print critique and score per image; exit status 1 when some image could not be read."""
+    import dataclasses
+    import json
+
+    from aesr1.config import load_section
+    from aesr1.evaluation.stage import EvaluateConfig
+    from aesr1.inference import DecodingConfig, decode_image, image_files, load_scorer
+
+    model = args.model or next((m for m in PIPELINE_MODELS if (Path(m) / "config.json").is_file()), None)
+    if model is None:
+        raise ValueError(f"no pipeline model in {' or '.join(PIPELINE_MODELS)}; run dvc repro or pass --model")
+    decoding = load_section(args.params, "evaluate", EvaluateConfig).decoding if Path(args.params).is_file() \
+        else DecodingConfig()
+    decoding = dataclasses.replace(decoding, greedy=args.greedy or decoding.greedy,
+                                   samples_per_image=args.samples or decoding.samples_per_image)
+    files = image_files(args.images)
+    if not files:
+        raise ValueError(f"no images in {args.images}")
+    unreadable = {}
+    for path in files:
+        try:
+            decode_image(str(path))
+        except ValueError as error:
+            unreadable[path] = str(error)
+    readable = [p for p in files if p not in unreadable]
+    results = dict(zip(readable, load_scorer(model)(readable, decoding))) if readable else {}
+    rows = [{"image": str(p), **results[p]} if p in results else {"image": str(p), "error": unreadable[p]}
+            for p in files]
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    for row in [] if args.json else rows:
+        if "error" in row:
+            print(f"{row['image']}\terror: {row['error']}")
+            continue
+        score = "unparseable" if row["score"] is None else f"{row['score']:.2f}"
+        print(f"{row['image']}\t{score}\n  {row['critique'] or row['completion']}")
+    return 1 if unreadable else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,6 +118,16 @@ def build_parser() -> argparse.ArgumentParser:
     review.add_argument("--passed-sample", type=int, default=50, help="passed samples to include (export)")
     review.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     review.set_defaults(handler=_review)
+    score = sub.add_parser("score", help="Critique and score images with a trained policy.",
+                           description="Critique and score images (files or folders) with the latest pipeline model "
+                                       "(data/models/rapo, else sft), a model folder, or an MLflow model URI.")
+    score.add_argument("images", nargs="+", help="image files or folders")
+    score.add_argument("--model", help="model folder or MLflow URI (models:/aesr1-policy/latest, runs:/ID/policy)")
+    score.add_argument("--json", action="store_true", help="print JSON records")
+    score.add_argument("--greedy", action="store_true", help="greedy decoding instead of evaluate.decoding")
+    score.add_argument("--samples", type=int, help="samples per image, scores averaged")
+    score.add_argument("--params", default="params.yaml", help="decoding from this file's evaluate section")
+    score.set_defaults(handler=_score)
     return parser
 
 
@@ -87,11 +142,12 @@ def main(argv: list[str] | None = None) -> int:
     from aesr1.aescot.distill import DistillError
 
     try:
-        args.handler(args)
-    except (ParamsError, DataCheckError, AnnotationError, IngestError, DistillError, ValueError) as err:
+        status = args.handler(args)
+    except (ParamsError, DataCheckError, AnnotationError, IngestError, DistillError, ValueError,
+            FileNotFoundError) as err:
         print(f"aesr1 {args.command}: error: {err}", file=sys.stderr)
         return 1
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

@@ -53,9 +53,20 @@ def numeric_metrics(metrics: dict) -> dict[str, float]:
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
 
 
+def _strict_json(value):
+    """NaN and infinities become null: strict JSON, which every metrics reader parses."""
+    if isinstance(value, dict):
+        return {k: _strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict_json(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
 def write_metrics(path: Path, metrics: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    path.write_text(json.dumps(_strict_json(metrics), indent=2, allow_nan=False) + "\n")
 
 
 def run_stage(name: str, params_path: str | Path, cls: type[T], fn: Callable[[T, Recorder], dict],

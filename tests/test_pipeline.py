@@ -1,12 +1,17 @@
 """The pipeline as a user runs it: `dvc repro` and the Prefect flow, in a copy of the repository."""
 
+import base64
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import httpx
 import mlflow
+import pandas as pd
 import pytest
 import yaml
 
@@ -35,13 +40,14 @@ def small_repo(tmp_path_factory):
     params["sft"]["heldout"].update(samples=8, max_new_tokens=24)
     params["rl"]["grpo"].update(max_steps=2, images_per_device=2, max_completion_length=16)
     params["rl"]["heldout"].update(samples=8, max_new_tokens=24)
+    params["evaluate"].update(max_per_test_set=6)
+    params["evaluate"]["decoding"].update(max_new_tokens=24, batch_size=16)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return root
 
 
 def run(cmd, root, env):
-    env = {**env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"}
-    done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
+    done = subprocess.run(cmd, cwd=root, env=_with_venv(env), capture_output=True, text=True)
     assert done.returncode == 0, f"{cmd} failed:\n{done.stdout}\n{done.stderr}"
     return done.stdout
 
@@ -52,12 +58,20 @@ def stage_runs(tracking_uri):
     return runs[runs["tags.aesr1.role"] == "stage"]
 
 
-def test_dvc_repro_runs_every_stage_and_groups_mlflow_runs(small_repo, tmp_path):
-    env = cli_env(tmp_path)
+@pytest.fixture(scope="module")
+def reproduced(small_repo, tmp_path_factory):
+    """The small repository after ``dvc repro``, and the environment it ran in."""
+    env = cli_env(tmp_path_factory.mktemp("tracking"))
     run(["dvc", "repro"], small_repo, env)
+    return small_repo, env
+
+
+def test_dvc_repro_runs_every_stage_and_groups_mlflow_runs(reproduced):
+    small_repo, env = reproduced
     for path in ("data/ingest/train.parquet", "data/ingest/test.parquet", "data/ingest/rejected.parquet",
                  "data/aescot/distilled.parquet", "data/aescot/distill_failures.parquet",
-                 "data/aescot/corpus.parquet", "data/aescot/filtered_out.parquet", "dvc.lock"):
+                 "data/aescot/corpus.parquet", "data/aescot/filtered_out.parquet", "data/models/backbone/config.json",
+                 "data/models/sft/config.json", "data/models/rapo/config.json", "dvc.lock"):
         assert (small_repo / path).is_file(), path
     for stage in STAGES:
         assert (small_repo / "metrics" / f"{stage}.json").is_file(), stage
@@ -69,7 +83,103 @@ def test_dvc_repro_runs_every_stage_and_groups_mlflow_runs(small_repo, tmp_path)
     assert runs["tags.mlflow.parentRunId"].nunique() == 1  # one pipeline run holds every stage
 
     assert "up to date" in run(["dvc", "repro"], small_repo, env)  # DVC decides nothing is stale
-    assert "train_size" in run(["dvc", "metrics", "show"], small_repo, env)
+    shown = run(["dvc", "metrics", "show"], small_repo, env)
+    assert "train_size" in shown and "rapo.average.plcc" in shown
+
+
+def test_evaluation_gives_the_main_table_predictions_plots_and_report(reproduced):
+    small_repo, env = reproduced
+    metrics = json.loads((small_repo / "metrics/evaluate.json").read_text())
+    test_sets = ["ava", "tad66k", "flickr_aes", "para", "aadb"]
+    assert list(metrics) == ["backbone", "sft", "rapo"]
+    for model in metrics.values():
+        for name in test_sets:
+            assert model[name]["n"] == 6 and 0 <= model[name]["unparseable_rate"] <= 1
+            assert "noise_ceiling_plcc" in model[name]  # AesSynth carries the latent score
+        assert {"plcc", "srcc", "in_domain_plcc", "out_of_domain_plcc"} <= set(model["average"])
+        assert "leak_rate" in model["critique"] or model["critique"]["critiques"] == 0
+    predictions = pd.read_parquet(small_repo / "data/evaluate/predictions.parquet")
+    assert len(predictions) == 3 * 5 * 6 and set(predictions.model) == set(metrics)
+    for model in metrics:
+        for kind in ("scatter", "histogram"):
+            assert (small_repo / f"data/evaluate/plots/{kind}_{model}.png").stat().st_size > 1000
+    assert "| rapo |" in (small_repo / "data/evaluate/report.md").read_text()
+    run(["dvc", "plots", "show", "-o", "plots_html"], small_repo, env)
+    html = (small_repo / "plots_html" / "index.html").read_text()
+    assert "scatter_rapo.png" in html and "RL reward" in html
+
+    runs = stage_runs(env["MLFLOW_TRACKING_URI"])
+    evaluate_run = runs[runs["tags.mlflow.runName"] == "evaluate"].iloc[0]
+    assert evaluate_run["metrics.rapo.average.plcc"] == pytest.approx(metrics["rapo"]["average"]["plcc"])
+
+
+def test_the_rapo_policy_is_registered_and_served_with_critique_and_score(reproduced):
+    small_repo, env = reproduced
+    client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
+    version = client.get_model_version("aesr1-policy", "1")
+    assert version.tags["policy"] == "rapo" and "average_plcc" in version.tags
+    image = small_repo / pd.read_parquet(small_repo / "data/ingest/test.parquet").image_path.iloc[0]
+
+    port = _free_port()
+    server = subprocess.Popen(
+        ["mlflow", "models", "serve", "-m", "models:/aesr1-policy/1", "--env-manager", "local", "-h", "127.0.0.1",
+         "-p", str(port)], cwd=small_repo, env=_with_venv(env), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        body = {"dataframe_records": [{"image": base64.b64encode(image.read_bytes()).decode()}],
+                "params": {"max_new_tokens": 24}}
+        answer = _post_when_up(f"http://127.0.0.1:{port}/invocations", body, server)
+    finally:
+        server.terminate()
+        server.wait(30)
+    (prediction,) = answer["predictions"]
+    assert set(prediction) == {"critique", "score", "completion"} and prediction["completion"]
+
+
+def test_score_command_uses_the_latest_pipeline_model_or_a_registry_uri(reproduced, tmp_path):
+    small_repo, env = reproduced
+    test = pd.read_parquet(small_repo / "data/ingest/test.parquet")
+    images = [small_repo / p for p in test.image_path.iloc[:2]]
+    shown = json.loads(run(["aesr1", "score", *map(str, images), "--json", "--greedy"], small_repo, env))
+    assert [row["image"] for row in shown] == [str(p) for p in images]
+    assert all(set(row) == {"image", "critique", "score", "completion"} for row in shown)
+    by_uri = json.loads(run(["aesr1", "score", str(images[0]), "--json", "--greedy", "--model",
+                             "models:/aesr1-policy/1"], small_repo, env))
+    assert by_uri[0]["completion"] == shown[0]["completion"]  # the registered model is the pipeline's RAPO model
+
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    for p in images:
+        (folder / p.name).write_bytes(p.read_bytes())
+    (folder / "broken.jpg").write_bytes(images[0].read_bytes()[:50])
+    done = subprocess.run(["aesr1", "score", str(folder), "--greedy"], cwd=small_repo, env=_with_venv(env),
+                          capture_output=True, text=True)
+    assert done.returncode == 1  # one image could not be read: said, and the others still scored
+    assert "broken.jpg\terror: cannot read image" in done.stdout
+    assert all(f"{p.name}\t" in done.stdout for p in images)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _with_venv(env: dict) -> dict:
+    return {**env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"}
+
+
+def _post_when_up(url: str, body: dict, server: subprocess.Popen, timeout_s: float = 120) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise AssertionError(f"mlflow models serve exited: {server.stderr.read().decode()[-2000:]}")
+        try:
+            response = httpx.post(url, json=body, timeout=60)
+            assert response.status_code == 200, response.text
+            return response.json()
+        except httpx.TransportError:
+            time.sleep(1)
+    raise AssertionError("the model server did not answer in time")
 
 
 def test_prefect_flow_runs_the_same_stages(small_repo, tmp_path, monkeypatch):

@@ -46,21 +46,21 @@ class Sampled:
 
 
 @torch.no_grad()
-def sample(model, processor, image_paths: list[str], n: int = 1, temperature: float = 1.0,
+def sample(model, processor, images: list, n: int = 1, temperature: float = 1.0,
            top_p: float = 1.0, top_k: int = 0, max_new_tokens: int = 256, batch_size: int = 16,
            do_sample: bool = True, prompt_text: str | None = None) -> Sampled:
-    """Generate ``n`` completions per image with the policy prompt; measure their token entropy."""
+    """Generate ``n`` completions per image (a path or a PIL image) with the policy prompt; measure their entropy."""
     prompt = processor.apply_chat_template(prompt_messages(prompt_text), add_generation_prompt=True, tokenize=False)
     eos = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
     pad = processor.tokenizer.pad_token_id
     texts: list[str] = []
     entropy_sum, token_count = 0.0, 0
     model.eval()
-    jobs = [path for path in image_paths for _ in range(n)]
+    jobs = [image for image in images for _ in range(n)]
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start:start + batch_size]
-        images = [Image.open(p).convert("RGB") for p in chunk]
-        inputs = processor(text=[prompt] * len(chunk), images=images, return_tensors="pt", padding=True)
+        pixels = [(image if isinstance(image, Image.Image) else Image.open(image)).convert("RGB") for image in chunk]
+        inputs = processor(text=[prompt] * len(chunk), images=pixels, return_tensors="pt", padding=True)
         inputs = inputs.to(model.device)
         out = model.generate(
             **inputs, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature if do_sample else None,

@@ -1,0 +1,1 @@
+"""Evaluation: the evaluate stage, its plots and its report."""

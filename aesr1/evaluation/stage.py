@@ -1,0 +1,252 @@
+"""The evaluate stage: every model on every test set, the paper's main table and more.
+
+For each model (backbone, SFT, RAPO by default) the policy critiques and scores every
+test image with the shared prompt. Per test set: PLCC/SRCC on all images, where an
+unparseable output gets the fixed ``unparseable_score`` (the middle of the scale: the
+model abstains; never a random score), and on the parsed images alone; the unparseable
+rate; the noise ceiling where the data carries a latent score (AesSynth). Per model:
+the critique quality the paper leaves unmeasured (the AesCoT filters run on the model's
+own critiques) and the mean token entropy of what it sampled.
+
+The RAPO model is then registered in the MLflow model registry as a pyfunc model
+(:class:`aesr1.inference.PolicyScorer`) that ``mlflow models serve`` can serve.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import logging
+import math
+from dataclasses import field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+import aesr1
+from aesr1.aescot.claims import DIMENSION_WORDS, dimensions_addressed
+from aesr1.aescot.filters import FilterConfig, align_errors, fact_errors, leak_errors, polarity
+from aesr1.aescot.measure import measure_file
+from aesr1.config import config
+from aesr1.evaluation.plots import history_curves, histogram_plot, scatter_plot
+from aesr1.evaluation.report import write_report
+from aesr1.inference import DecodingConfig, PolicyScorer, critique_of, generate, image_scores, signature
+from aesr1.metrics import correlations
+from aesr1.policy.backbone import resolve_model
+from aesr1.policy.generation import load_policy
+from aesr1.stage import Recorder
+from aesr1.trajectory import band_of
+
+log = logging.getLogger("aesr1.evaluate")
+
+TEST_SETS = ["ava", "tad66k", "flickr_aes", "para", "aadb"]
+IN_DOMAIN = ["ava", "tad66k", "flickr_aes"]
+
+# The paper's average PLCC / SRCC over its five test sets (REFERENCE.md), for the report.
+PAPER = {"backbone": ("Qwen2.5-VL-7B backbone", 0.4285, 0.4589), "sft": ("Q-Align (SFT)", 0.5120, 0.5255),
+         "rapo": ("Aes-R1", 0.6337, 0.6186)}
+
+
+@config
+class RegisterConfig:
+    """Which evaluated model goes to the MLflow registry, and under what name (model null: none)."""
+
+    model: str | None = "rapo"
+    name: str = "aesr1-policy"
+
+
+@config
+class EvaluateConfig:
+    """Params section ``evaluate``."""
+
+    models: dict[str, str] = field(default_factory=lambda: {
+        "backbone": "data/models/backbone", "sft": "data/models/sft", "rapo": "data/models/rapo"})
+    test_manifest: str = "data/ingest/test.parquet"
+    latent_scores: str | None = "data/aessynth/aessynth_latent.csv"  # AesSynth's sidecar; null for real data
+    rl_history: str | None = "data/models/rapo/training_history.csv"
+    out_dir: str = "data/evaluate"
+    test_sets: list[str] = field(default_factory=lambda: list(TEST_SETS))
+    in_domain: list[str] = field(default_factory=lambda: list(IN_DOMAIN))
+    max_per_test_set: int | None = None
+    unparseable_score: float = 0.5
+    decoding: DecodingConfig = field(default_factory=DecodingConfig)
+    register: RegisterConfig = field(default_factory=RegisterConfig)
+
+
+# ---------------------------------------------------------------- metrics
+
+def score_metrics(truth: np.ndarray, predicted: np.ndarray, unparseable_score: float) -> dict:
+    """PLCC/SRCC with the unparseable rule, and on the parsed outputs alone.
+
+    Under the rule a model whose every output is the same number (e.g. a backbone that
+    never writes a parseable score, so all get ``unparseable_score``) carries no ranking
+    information: its correlations count as 0, not undefined, so models stay comparable.
+    """
+    parsed = np.isfinite(predicted)
+    ruled = np.where(parsed, predicted, unparseable_score)
+    overall = correlations(ruled, truth)
+    if len(truth) >= 3 and np.ptp(ruled) == 0:
+        overall = {"plcc": 0.0, "srcc": 0.0}
+    on_parsed = correlations(predicted, truth)  # correlations() keeps the finite pairs
+    return {"n": len(truth), "plcc": overall["plcc"], "srcc": overall["srcc"],
+            "unparseable_rate": float(1 - parsed.mean()) if len(truth) else math.nan,
+            "n_parsed": int(parsed.sum()), "plcc_parsed": on_parsed["plcc"], "srcc_parsed": on_parsed["srcc"],
+            "mean_predicted": float(np.nanmean(predicted)) if parsed.any() else math.nan,
+            "std_predicted": float(np.nanstd(predicted)) if parsed.any() else math.nan,
+            "mean_true": float(np.mean(truth)), "std_true": float(np.std(truth))}
+
+
+def noise_ceilings(test: pd.DataFrame, latent_path: str | None) -> dict[str, dict]:
+    """Per test set, how well the raters' MOS itself tracks the noiseless latent score."""
+    if not latent_path or not Path(latent_path).is_file():
+        return {}
+    latent = pd.read_csv(latent_path, dtype={"name": str})
+    merged = test.merge(latent, left_on=["dataset", "native_id"], right_on=["dataset", "name"])
+    ceilings = {}
+    for dataset, rows in merged.groupby("dataset"):
+        c = correlations(rows.score.to_numpy(), rows.latent_score.to_numpy())
+        ceilings[dataset] = {"plcc": c["plcc"], "srcc": c["srcc"], "n": c["n"]}
+    return ceilings
+
+
+def critique_quality(completions: pd.DataFrame, measures: dict[str, object]) -> dict:
+    """The AesCoT filters and more, applied to a model's own critiques.
+
+    ``completions`` has image_path, completion, predicted (that sample's own score).
+    """
+    rows = []
+    for path, text, score in completions[["image_path", "completion", "predicted"]].itertuples(index=False):
+        critique = critique_of(text)
+        if critique is None:
+            continue
+        row = {"words": len(critique.split()), "dimensions": len(dimensions_addressed(critique)),
+               "leak": bool(leak_errors(critique)), "fact": bool(fact_errors(critique, measures[path])),
+               "polarity": polarity(critique).score, "score": score}
+        row["align_error"] = bool(align_errors(critique, band_of(score), FilterConfig())) if math.isfinite(score) else None
+        rows.append(row)
+    if not rows:
+        return {"critiques": 0}
+    frame = pd.DataFrame(rows)
+    scored = frame[frame.score.notna()]
+    tone = stats.spearmanr(scored.polarity, scored.score).statistic if len(scored) > 2 else math.nan
+    return {"critiques": len(frame), "mean_words": float(frame.words.mean()),
+            "dimension_coverage": float(frame.dimensions.mean() / len(DIMENSION_WORDS)),
+            "all_dimensions_rate": float((frame.dimensions == len(DIMENSION_WORDS)).mean()),
+            "leak_rate": float(frame.leak.mean()), "fact_error_rate": float(frame.fact.mean()),
+            "align_error_rate": float(scored["align_error"].astype(bool).mean()) if len(scored) else math.nan,
+            "tone_score_srcc": float(tone) if np.isfinite(tone) else math.nan}
+
+
+def summarise(metrics: dict, test_sets: list[str], in_domain: list[str], ceilings: dict) -> dict:
+    """Averages over the five test sets (the paper's figure), in and out of domain, and vs the ceiling."""
+    present = [t for t in test_sets if t in metrics and metrics[t]["n"] > 1]
+    out_domain = [t for t in present if t not in in_domain]
+    inside = [t for t in present if t in in_domain]
+
+    def mean(key, sets):
+        values = [metrics[t][key] for t in sets if np.isfinite(metrics[t][key])]
+        return float(np.mean(values)) if values else math.nan
+
+    average = {"plcc": mean("plcc", present), "srcc": mean("srcc", present),
+               "in_domain_plcc": mean("plcc", inside), "in_domain_srcc": mean("srcc", inside),
+               "out_of_domain_plcc": mean("plcc", out_domain), "out_of_domain_srcc": mean("srcc", out_domain),
+               "unparseable_rate": mean("unparseable_rate", present)}
+    for name, sets in (("in_domain", inside), ("out_of_domain", out_domain)):
+        ratios = [metrics[t]["plcc"] / ceilings[t]["plcc"] for t in sets if t in ceilings]
+        if ratios:
+            average[f"{name}_ceiling_ratio"] = float(np.mean(ratios))
+    return average
+
+
+# ---------------------------------------------------------------- the stage
+
+def evaluate_model(name: str, path: str, test: pd.DataFrame, cfg: EvaluateConfig,
+                   measures: dict[str, object]) -> tuple[dict, pd.DataFrame]:
+    log.info("evaluating %s (%s) on %d images", name, path, len(test))
+    model, processor = load_policy(resolve_model(path))
+    sampled = generate(model, processor, list(test.image_path), cfg.decoding)
+    k = cfg.decoding.samples_per_image
+    predicted = image_scores(sampled.texts, k)
+    predictions = test[["image_id", "dataset", "image_path", "score"]].assign(
+        model=name, predicted=predicted, completion=sampled.texts[::k])
+    completions = pd.DataFrame({"image_path": np.repeat(test.image_path.to_numpy(), k),
+                                "completion": sampled.texts, "predicted": image_scores(sampled.texts, 1)})
+    result = {t: score_metrics(rows.score.to_numpy(), rows.predicted.to_numpy(), cfg.unparseable_score)
+              for t in cfg.test_sets if len(rows := predictions[predictions.dataset == t])}
+    result["critique"] = critique_quality(completions, measures)
+    result["entropy"] = sampled.entropy
+    return result, predictions
+
+
+def evaluate(cfg: EvaluateConfig, recorder: Recorder) -> dict:
+    out = Path(cfg.out_dir)
+    (out / "plots").mkdir(parents=True, exist_ok=True)
+    test = pd.read_parquet(cfg.test_manifest)
+    missing = sorted(set(cfg.test_sets) - set(test.dataset))
+    if missing:
+        raise ValueError(f"test sets {missing} are not in {cfg.test_manifest} (it has {sorted(set(test.dataset))})")
+    test = test[test.dataset.isin(cfg.test_sets)].sort_values("image_id")
+    if cfg.max_per_test_set:
+        shuffled = test.sample(frac=1.0, random_state=cfg.decoding.seed)
+        test = shuffled[shuffled.groupby("dataset").cumcount() < cfg.max_per_test_set].sort_values("image_id")
+    measures = {p: measure_file(p) for p in test.image_path.unique()}
+    ceilings = noise_ceilings(test, cfg.latent_scores)
+
+    metrics: dict = {}
+    frames = []
+    for name, path in cfg.models.items():
+        result, predictions = evaluate_model(name, path, test, cfg, measures)
+        for t, ceiling in ceilings.items():
+            if t in result:
+                result[t]["noise_ceiling_plcc"] = ceiling["plcc"]
+                result[t]["noise_ceiling_srcc"] = ceiling["srcc"]
+        result["average"] = summarise(result, cfg.test_sets, cfg.in_domain, ceilings)
+        metrics[name] = result
+        frames.append(predictions)
+        log.info("%s: average PLCC %.3f SRCC %.3f", name, result["average"]["plcc"], result["average"]["srcc"])
+    predictions = pd.concat(frames, ignore_index=True)
+    predictions.to_parquet(out / "predictions.parquet", index=False)
+
+    for name in cfg.models:
+        rows = predictions[predictions.model == name]
+        scatter_plot(rows, metrics[name], cfg.test_sets, out / "plots" / f"scatter_{name}.png", name)
+        histogram_plot(rows, cfg.test_sets, out / "plots" / f"histogram_{name}.png", name)
+    if cfg.rl_history and Path(cfg.rl_history).is_file():
+        history_curves(pd.read_csv(cfg.rl_history)).to_csv(out / "rl_curves.csv", index=False)
+    write_report(out / "report.md", metrics, ceilings, cfg.test_sets, PAPER)
+    recorder.artifact(out / "plots", "plots")
+    recorder.artifact(out / "report.md")
+    recorder.artifact(out / "predictions.parquet")
+    recorder.table("predictions_sample.json", predictions.groupby("model").head(30).drop(columns=["image_path"]))
+
+    if cfg.register.model:
+        version = register(cfg, metrics[cfg.register.model]["average"])
+        recorder.param("registered_model", f"models:/{cfg.register.name}/{version}")
+    return metrics
+
+
+def register(cfg: EvaluateConfig, average: dict) -> str:
+    """Log the chosen model as a pyfunc into the stage's run and register it; returns the version."""
+    import mlflow
+
+    source = Path(cfg.models[cfg.register.model])
+    if not (source / "config.json").is_file():
+        raise ValueError(f"only a saved model folder can be registered; {source} has no config.json")
+    requirements = [f"{dist}=={importlib.metadata.version(dist)}" for dist in
+                    ("torch", "transformers", "mlflow", "pandas", "numpy", "pillow", "scipy", "datasets",
+                     "pydantic", "httpx", "pyyaml")]
+    decoding = dataclasses.asdict(cfg.decoding)
+    info = mlflow.pyfunc.log_model(
+        name="policy", python_model=PolicyScorer(decoding), artifacts={"policy": str(source)},
+        code_paths=[str(Path(aesr1.__file__).parent)], pip_requirements=requirements,
+        signature=signature(cfg.decoding), registered_model_name=cfg.register.name)
+    version = str(info.registered_model_version)
+    client = mlflow.MlflowClient()
+    for key in ("plcc", "srcc", "in_domain_plcc", "out_of_domain_plcc"):
+        if np.isfinite(average.get(key, math.nan)):
+            client.set_model_version_tag(cfg.register.name, version, f"average_{key}", f"{average[key]:.4f}")
+    client.set_model_version_tag(cfg.register.name, version, "policy", cfg.register.model)
+    log.info("registered %s as models:/%s/%s", source, cfg.register.name, version)
+    return version

@@ -1,0 +1,176 @@
+"""Scoring images with a trained policy: the ``aesr1 score`` command and the MLflow model.
+
+One function, :func:`score_images`, turns images into critiques and scores; the
+``aesr1 score`` command and :class:`PolicyScorer` (the pyfunc model that the evaluate
+stage registers and ``mlflow models serve`` serves) both call it, with the decoding
+the evaluation used.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from aesr1.config import config
+from aesr1.trajectory import parse_score, split_trajectory
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+
+
+@config
+class DecodingConfig:
+    """How completions are drawn: the reference's inference sampling by default, or greedy."""
+
+    greedy: bool = False
+    temperature: float = 0.6
+    top_p: float = 0.7
+    top_k: int = 50
+    samples_per_image: int = 1  # > 1: the image's score is the mean of its parseable samples
+    max_new_tokens: int = 512
+    batch_size: int = 32
+    seed: int = 0
+
+
+def generate(model, processor, images: list, decoding: DecodingConfig):
+    """Sampled completions (``samples_per_image`` per image, consecutive) and their token entropy."""
+    import torch
+
+    from aesr1.policy.generation import sample
+
+    torch.manual_seed(decoding.seed)
+    return sample(model, processor, images, n=decoding.samples_per_image, temperature=decoding.temperature,
+                  top_p=decoding.top_p, top_k=decoding.top_k, max_new_tokens=decoding.max_new_tokens,
+                  batch_size=decoding.batch_size, do_sample=not decoding.greedy)
+
+
+def image_scores(texts: list[str], samples_per_image: int) -> np.ndarray:
+    """Per image, the mean of its parseable samples' scores; NaN when none parses."""
+    parsed = np.array([parse_score(t) for t in texts]).reshape(-1, samples_per_image)
+    finite = np.isfinite(parsed)
+    sums = np.where(finite, parsed, 0.0).sum(axis=1)
+    counts = finite.sum(axis=1)
+    return np.divide(sums, counts, out=np.full(len(parsed), math.nan), where=counts > 0)
+
+
+def critique_of(text: str) -> str | None:
+    parts = split_trajectory(text)
+    return parts[0] if parts else None
+
+
+def score_images(model, processor, images: list, decoding: DecodingConfig) -> list[dict]:
+    """Critique and score per image (score None when no sample parsed); the first sample's text."""
+    texts = generate(model, processor, images, decoding).texts
+    scores = image_scores(texts, decoding.samples_per_image)
+    results = []
+    for i, score in enumerate(scores):
+        first = texts[i * decoding.samples_per_image]
+        results.append({"critique": critique_of(first), "score": float(score) if math.isfinite(score) else None,
+                        "completion": first})
+    return results
+
+
+def image_files(inputs: list[str]) -> list[Path]:
+    """The image files named, with folders expanded (sorted); a missing path is an error."""
+    files = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            files += sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif item.is_file():
+            files.append(item)
+        else:
+            raise FileNotFoundError(f"no such image or folder: {item}")
+    return files
+
+
+def decode_image(value: str) -> Image.Image:
+    """An image from a request field: a file path, or base64-encoded image bytes."""
+    if Path(value).suffix.lower() in IMAGE_SUFFIXES and Path(value).is_file():
+        try:
+            return Image.open(value).convert("RGB")
+        except OSError as error:
+            raise ValueError(f"cannot read image {value}: {error}") from error
+    try:
+        return Image.open(io.BytesIO(base64.b64decode(value, validate=True))).convert("RGB")
+    except Exception as error:
+        raise ValueError("each 'image' must be an existing image file path or base64-encoded image bytes") from error
+
+
+REQUEST_PARAMS = ("greedy", "temperature", "top_p", "top_k", "samples_per_image", "max_new_tokens")
+
+
+def request_params(decoding: DecodingConfig) -> dict:
+    """The decoding fields a request may set (the served model's signature declares them)."""
+    return {name: getattr(decoding, name) for name in REQUEST_PARAMS}
+
+
+def signature(decoding: DecodingConfig):
+    """Input ``image`` (path or base64), output critique/score/completion, decoding as request params."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
+
+    kinds = {bool: "boolean", int: "long", float: "double"}
+    return ModelSignature(
+        inputs=Schema([ColSpec("string", "image")]),
+        outputs=Schema([ColSpec("string", "critique", required=False), ColSpec("double", "score", required=False),
+                        ColSpec("string", "completion")]),
+        params=ParamSchema([ParamSpec(name, kinds[type(value)], value)
+                            for name, value in request_params(decoding).items()]))
+
+
+def _mlflow_base():
+    import mlflow.pyfunc
+
+    return mlflow.pyfunc.PythonModel
+
+
+class PolicyScorer(_mlflow_base()):
+    """An MLflow pyfunc model: a DataFrame with an ``image`` column in, critique and score out."""
+
+    def __init__(self, decoding: dict):
+        self.decoding = decoding
+
+    def load_context(self, context):
+        from aesr1.policy.generation import load_policy
+
+        self.model, self.processor = load_policy(context.artifacts["policy"])
+
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
+        if "image" not in model_input.columns:
+            raise ValueError("the input needs an 'image' column (file paths or base64-encoded images)")
+        images = [decode_image(str(v)) for v in model_input["image"]]
+        decoding = DecodingConfig(**{**self.decoding, **(params or {})})
+        results = score_images(self.model, self.processor, images, decoding)
+        return pd.DataFrame(results, columns=["critique", "score", "completion"])
+
+
+def load_scorer(model: str):
+    """A callable ``images -> results`` for a model folder or an MLflow model URI (models:/, runs:/)."""
+    if "://" in model or model.startswith(("models:/", "runs:/")):
+        import mlflow.pyfunc
+
+        from aesr1.tracking import project_root, tracking_uri
+
+        mlflow.set_tracking_uri(tracking_uri(project_root()))
+        pyfunc = mlflow.pyfunc.load_model(model)
+
+        def by_uri(paths: list[Path], decoding: DecodingConfig) -> list[dict]:
+            frame = pyfunc.predict(pd.DataFrame({"image": [str(p.resolve()) for p in paths]}),
+                                   params=request_params(decoding))
+            return [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
+                    for row in frame.to_dict("records")]
+        return by_uri
+
+    from aesr1.policy.backbone import resolve_model
+    from aesr1.policy.generation import load_policy
+
+    policy, processor = load_policy(resolve_model(model))
+
+    def by_folder(paths: list[Path], decoding: DecodingConfig) -> list[dict]:
+        return score_images(policy, processor, [str(p) for p in paths], decoding)
+    return by_folder

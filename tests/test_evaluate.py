@@ -1,0 +1,129 @@
+"""Evaluation metrics, the unparseable rule, critique quality, the report, and scoring inputs."""
+
+import base64
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from aesr1.aescot.measure import ImageStats
+from aesr1.evaluation.plots import history_curves
+from aesr1.evaluation.report import write_report
+from aesr1.evaluation.stage import critique_quality, noise_ceilings, score_metrics, summarise
+from aesr1.inference import decode_image, image_files, image_scores
+from aesr1.stage import write_metrics
+from aesr1.trajectory import make_trajectory
+from conftest import write_jpeg
+
+
+def test_unparseable_outputs_get_the_documented_score_and_are_counted():
+    truth = np.array([0.1, 0.2, 0.3, 0.4, 0.9])
+    predicted = np.array([0.1, 0.2, np.nan, 0.4, np.nan])
+    m = score_metrics(truth, predicted, unparseable_score=0.5)
+    assert m["n"] == 5 and m["n_parsed"] == 3 and m["unparseable_rate"] == pytest.approx(0.4)
+    ruled = np.array([0.1, 0.2, 0.5, 0.4, 0.5])
+    assert m["plcc"] == pytest.approx(np.corrcoef(ruled, truth)[0, 1])
+    assert m["plcc_parsed"] == pytest.approx(1.0) and m["srcc_parsed"] == pytest.approx(1.0)
+    assert m["mean_predicted"] == pytest.approx(0.7 / 3)
+
+
+def test_a_model_that_never_parses_correlates_zero_not_randomly():
+    m = score_metrics(np.linspace(0, 1, 10), np.full(10, np.nan), unparseable_score=0.5)
+    assert m["plcc"] == 0.0 and m["srcc"] == 0.0 and m["unparseable_rate"] == 1.0
+    assert math.isnan(m["plcc_parsed"]) and m["n_parsed"] == 0
+
+
+def test_several_samples_per_image_average_their_parseable_scores():
+    texts = [make_trajectory("a", 0.2), make_trajectory("b", 0.4),  # image 1: both parse
+             "garbage", make_trajectory("c", 0.9),                   # image 2: one parses
+             "no", "<answer>0.5</answer>"]                            # image 3: none parses
+    scores = image_scores(texts, samples_per_image=2)
+    assert scores[0] == pytest.approx(0.3) and scores[1] == pytest.approx(0.9) and math.isnan(scores[2])
+
+
+def _stats(brightness):
+    return ImageStats(brightness=brightness, clip_dark=0.0, clip_bright=0.0, contrast=0.1, light_strength=0.0,
+                      light_from="left", saturation=0.3, harmony=0.5, warmth=0.0, subject_x=0.33, subject_y=0.33,
+                      thirds_distance=0.0, centre_distance=0.24, subject_separation=0.1, clutter=0,
+                      fragmentation=5.0)
+
+
+def test_critique_quality_applies_the_aescot_filters_to_the_models_own_critiques():
+    good = ("Lighting: the light is pleasing. Emotion & narrative: a calm mood. Composition: balanced framing. "
+            "Color: a harmonious palette. Exposure: well exposed.")
+    leaky = "Lighting: fine. This deserves a score of 0.9 easily."
+    wrong_fact = "Exposure: the frame is far too dark and underexposed."  # exposure and composition ("frame")
+    completions = pd.DataFrame({
+        "image_path": ["a", "b", "c", "d"],
+        "completion": [make_trajectory(good, 0.9), make_trajectory(leaky, 0.8), make_trajectory(wrong_fact, 0.2),
+                       "not a trajectory"],
+        "predicted": [0.9, 0.8, 0.2, np.nan]})
+    measures = {p: _stats(0.5) for p in "abcd"}
+    q = critique_quality(completions, measures)
+    assert q["critiques"] == 3  # the unparseable completion has no critique
+    assert q["leak_rate"] == pytest.approx(1 / 3)
+    assert q["fact_error_rate"] == pytest.approx(1 / 3)  # "too dark" on a mid-bright image
+    assert q["dimension_coverage"] == pytest.approx((5 + 1 + 2) / 15)
+    assert q["all_dimensions_rate"] == pytest.approx(1 / 3)
+    assert q["align_error_rate"] == pytest.approx(1 / 3)  # the leaky one: neutral words for a good score
+
+
+def test_averages_cover_the_five_sets_and_compare_with_the_noise_ceiling():
+    metrics = {t: {"plcc": p, "srcc": p, "n": 10, "unparseable_rate": 0.0}
+               for t, p in {"ava": 0.8, "tad66k": 0.6, "flickr_aes": 0.4, "para": 0.3, "aadb": 0.1}.items()}
+    ceilings = {t: {"plcc": 0.8} for t in metrics}
+    avg = summarise(metrics, list(metrics), ["ava", "tad66k", "flickr_aes"], ceilings)
+    assert avg["plcc"] == pytest.approx(0.44) and avg["in_domain_plcc"] == pytest.approx(0.6)
+    assert avg["out_of_domain_plcc"] == pytest.approx(0.2)
+    assert avg["in_domain_ceiling_ratio"] == pytest.approx(0.75)
+    assert avg["out_of_domain_ceiling_ratio"] == pytest.approx(0.25)
+
+
+def test_noise_ceiling_joins_the_latent_sidecar_by_native_name(tmp_path):
+    rng = np.random.default_rng(0)
+    latent = rng.random(30)
+    test = pd.DataFrame({"dataset": "ava", "native_id": [f"{i:03d}" for i in range(30)],
+                         "score": latent + rng.normal(0, 0.05, 30)})
+    pd.DataFrame({"dataset": "ava", "name": test.native_id, "latent_score": latent}).to_csv(
+        tmp_path / "latent.csv", index=False)
+    ceilings = noise_ceilings(test, str(tmp_path / "latent.csv"))
+    assert ceilings["ava"]["n"] == 30 and 0.9 < ceilings["ava"]["plcc"] < 1.0
+    assert noise_ceilings(test, None) == {}  # real data: no latent score, no ceiling
+
+
+def test_metrics_file_is_strict_json_and_the_report_has_the_main_table(tmp_path):
+    result = {"ava": {"plcc": 0.5, "srcc": float("nan"), "n": 3},
+              "average": {"plcc": 0.5, "srcc": float("nan"), "in_domain_plcc": 0.5, "out_of_domain_plcc": math.nan,
+                          "unparseable_rate": 0.0},
+              "critique": {"critiques": 0}, "entropy": 0.3}
+    write_metrics(tmp_path / "evaluate.json", {"rapo": result})
+    loaded = json.loads((tmp_path / "evaluate.json").read_text())
+    assert loaded["rapo"]["ava"]["srcc"] is None
+    write_report(tmp_path / "report.md", {"rapo": result}, {}, ["ava"], {"rapo": ("Aes-R1", 0.6337, 0.6186)})
+    report = (tmp_path / "report.md").read_text()
+    assert "| rapo | 0.500 / - | **0.500 / -** |" in report and "| rapo | 0.500 | - | Aes-R1 | 0.634 | 0.619 |" in report
+
+
+def test_rl_curves_keep_the_steps_that_logged_rewards():
+    history = pd.DataFrame({"step": [1, 2, 3, 4], "reward": [1.0, np.nan, 1.2, np.nan],
+                            "entropy": [0.4, 0.41, 0.42, 0.43], "kl": [0.0, 0.01, 0.02, 0.03]})
+    curves = history_curves(history)
+    assert list(curves.step) == [1, 3] and list(curves.columns) == ["step", "reward", "entropy", "kl"]
+
+
+def test_score_inputs_are_files_folders_or_base64(tmp_path):
+    a = write_jpeg(tmp_path / "imgs" / "a.jpg", 10)
+    b = write_jpeg(tmp_path / "imgs" / "sub" / "b.png", 200)
+    (tmp_path / "imgs" / "notes.txt").write_text("not an image")
+    assert image_files([str(tmp_path / "imgs")]) == [a, b]
+    with pytest.raises(FileNotFoundError, match="no such image"):
+        image_files([str(tmp_path / "missing.jpg")])
+    encoded = base64.b64encode(a.read_bytes()).decode()
+    assert decode_image(encoded).size == (16, 16) and decode_image(str(b)).getpixel((0, 0)) == (200, 200, 200)
+    with pytest.raises(ValueError, match="base64"):
+        decode_image("definitely not an image")
+    (tmp_path / "broken.jpg").write_bytes(a.read_bytes()[:40])
+    with pytest.raises(ValueError, match="cannot read image"):
+        decode_image(str(tmp_path / "broken.jpg"))
