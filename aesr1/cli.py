@@ -4,8 +4,16 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
+
+
+RESTORE_ONLY = "AESR1_RESTORE_ONLY"  # a stage named here must come from DVC's run cache, never run locally
+
+
+class RestoreOnlyError(RuntimeError):
+    """DVC was about to run a stage that should have been restored from another machine's run."""
 
 
 def _run_stage(args: argparse.Namespace) -> None:
@@ -14,6 +22,9 @@ def _run_stage(args: argparse.Namespace) -> None:
 
     from aesr1.stage import run_stage
 
+    if os.environ.get(RESTORE_ONLY) == args.command:
+        raise RestoreOnlyError(f"stage '{args.command}' was to be restored from another machine's run (DVC run cache), "
+                           f"but DVC is running it here: that run's outputs are not in the DVC remote")
     module_name, config_name, function_name, _ = STAGES[args.command]
     module = importlib.import_module(module_name)
     run_stage(args.command, args.params, getattr(module, config_name), getattr(module, function_name))
@@ -144,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         status = args.handler(args)
     except (ParamsError, DataCheckError, AnnotationError, IngestError, DistillError, ValueError,
-            FileNotFoundError) as err:
+            FileNotFoundError, RestoreOnlyError) as err:
         print(f"aesr1 {args.command}: error: {err}", file=sys.stderr)
         return 1
     return status or 0

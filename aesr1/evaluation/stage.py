@@ -63,6 +63,7 @@ class EvaluateConfig:
 
     models: dict[str, str] = field(default_factory=lambda: {
         "backbone": "data/models/backbone", "sft": "data/models/sft", "rapo": "data/models/rapo"})
+    only: list[str] | None = None  # evaluate just these of ``models`` (ablations: [rapo]); null: all
     test_manifest: str = "data/ingest/test.parquet"
     latent_scores: str | None = "data/aessynth/aessynth_latent.csv"  # AesSynth's sidecar; null for real data
     rl_history: str | None = "data/models/rapo/training_history.csv"
@@ -194,9 +195,15 @@ def evaluate(cfg: EvaluateConfig, recorder: Recorder) -> dict:
     measures = {p: measure_file(p) for p in test.image_path.unique()}
     ceilings = noise_ceilings(test, cfg.latent_scores)
 
+    unknown = sorted(set(cfg.only or []) - set(cfg.models))
+    if unknown:
+        raise ValueError(f"evaluate.only names {unknown}, which evaluate.models does not define")
+    chosen = {name: path for name, path in cfg.models.items() if cfg.only is None or name in cfg.only}
+    if cfg.register.model and cfg.register.model not in chosen:
+        raise ValueError(f"evaluate.register.model '{cfg.register.model}' is not among the evaluated models")
     metrics: dict = {}
     frames = []
-    for name, path in cfg.models.items():
+    for name, path in chosen.items():
         result, predictions = evaluate_model(name, path, test, cfg, measures)
         for t, ceiling in ceilings.items():
             if t in result:
@@ -209,7 +216,7 @@ def evaluate(cfg: EvaluateConfig, recorder: Recorder) -> dict:
     predictions = pd.concat(frames, ignore_index=True)
     predictions.to_parquet(out / "predictions.parquet", index=False)
 
-    for name in cfg.models:
+    for name in chosen:
         rows = predictions[predictions.model == name]
         scatter_plot(rows, metrics[name], cfg.test_sets, out / "plots" / f"scatter_{name}.png", name)
         histogram_plot(rows, cfg.test_sets, out / "plots" / f"histogram_{name}.png", name)
