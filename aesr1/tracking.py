@@ -28,6 +28,7 @@ EXPERIMENT = "aesr1"
 PIPELINE_TAG = "aesr1.pipeline_id"
 ROLE_TAG = "aesr1.role"
 STAGE_TAG = "aesr1.stage"
+DVC_EXP_TAG = "aesr1.dvc_experiment"
 _SHELLS = {"sh", "bash", "dash", "zsh", "fish"}
 _EXPERIMENT_RUN_DIR = os.path.join(".dvc", "tmp", "exps")
 
@@ -57,13 +58,24 @@ def tracking_uri(root: Path | None = None) -> str:
     return f"sqlite:///{(root or project_root()) / 'mlflow.db'}"
 
 
-def ensure_experiment(client: MlflowClient, root: Path, name: str = EXPERIMENT) -> str:
-    """Create the experiment once with its artifacts under the repo (``mlartifacts/``)."""
+def experiment_name() -> str:
+    """``AESR1_EXPERIMENT`` (an ablation study puts its runs in an experiment of their own), else "aesr1"."""
+    return os.environ.get("AESR1_EXPERIMENT") or EXPERIMENT
+
+
+def ensure_experiment(client: MlflowClient, root: Path, name: str | None = None) -> str:
+    """Create the experiment once; with a local store its artifacts go under the repo (``mlartifacts/``).
+
+    With a tracking server (http/https) the server's artifact store decides, so every
+    machine's artifacts land in one place.
+    """
+    name = name or experiment_name()
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
+    served = tracking_uri(root).startswith(("http://", "https://", "databricks"))
     try:
-        return client.create_experiment(name, artifact_location=(root / "mlartifacts").as_uri())
+        return client.create_experiment(name, artifact_location=None if served else (root / "mlartifacts").as_uri())
     except mlflow.exceptions.MlflowException:
         # another process created it first
         return client.get_experiment_by_name(name).experiment_id
@@ -91,8 +103,10 @@ def _pipeline_run(client: MlflowClient, experiment_id: str, pid: str) -> str:
     )
     if found:
         return found[0].info.run_id
-    run = client.create_run(
-        experiment_id, run_name=f"pipeline-{pid[:12]}", tags={PIPELINE_TAG: pid, ROLE_TAG: "pipeline"})
+    # a queued `dvc exp` run names its pipeline run after the experiment (DVC sets DVC_EXP_NAME)
+    exp_name = os.environ.get("DVC_EXP_NAME")
+    tags = {PIPELINE_TAG: pid, ROLE_TAG: "pipeline", **({DVC_EXP_TAG: exp_name} if exp_name else {})}
+    run = client.create_run(experiment_id, run_name=exp_name or f"pipeline-{pid[:12]}", tags=tags)
     return run.info.run_id
 
 

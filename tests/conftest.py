@@ -1,10 +1,12 @@
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,3 +45,38 @@ def cli_env(tmp_path: Path) -> dict:
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     env.pop("AESR1_PIPELINE_ID", None)
     return env
+
+
+def with_venv(env: dict) -> dict:
+    """``env`` with this interpreter's folder first on PATH (dvc, aesr1, prefect, mlflow commands)."""
+    return {**env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"}
+
+
+def run(cmd, root, env) -> str:
+    done = subprocess.run(cmd, cwd=root, env=with_venv(env), capture_output=True, text=True)
+    assert done.returncode == 0, f"{cmd} failed:\n{done.stdout}\n{done.stderr}"
+    return done.stdout
+
+
+SMALL_SIZES = {"ava": {"train": 50, "test": 15}, "tad66k": {"train": 50, "test": 15},
+               "flickr_aes": {"train": 25, "test": 15}, "para": {"train": 0, "test": 15},
+               "aadb": {"train": 0, "test": 15}}
+
+
+def shrink_params(root: Path) -> Path:
+    """Shrink every stage's params in a repository copy so the whole pipeline runs in a few minutes."""
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["synth"]["sizes"] = SMALL_SIZES
+    params["ingest"].update(train_size=100, min_test_per_dataset=5, max_reject_rate=0.2)
+    params["backbone"]["tiny"].update(hidden_size=64, intermediate_size=128, layers=2, vision_hidden_size=32,
+                                      vision_heads=2, image_size=32)
+    params["backbone"]["pretrain"].update(samples=32)
+    params["backbone"]["pretrain"]["train"].update(epochs=1)
+    params["sft"]["train"].update(epochs=1)
+    params["sft"]["heldout"].update(samples=8, max_new_tokens=24)
+    params["rl"]["grpo"].update(max_steps=2, images_per_device=2, max_completion_length=16)
+    params["rl"]["heldout"].update(samples=8, max_new_tokens=24)
+    params["evaluate"].update(max_per_test_set=6)
+    params["evaluate"]["decoding"].update(max_new_tokens=24, batch_size=16)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return root

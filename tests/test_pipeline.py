@@ -15,41 +15,15 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import REPO, cli_env, repo_copy
+from conftest import REPO, cli_env, repo_copy, run, shrink_params, with_venv
 
 pytestmark = pytest.mark.slow
 STAGES = list(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"])
 
-SMALL_SIZES = {"ava": {"train": 50, "test": 15}, "tad66k": {"train": 50, "test": 15},
-               "flickr_aes": {"train": 25, "test": 15}, "para": {"train": 0, "test": 15},
-               "aadb": {"train": 0, "test": 15}}
-
-
 @pytest.fixture(scope="module")
 def small_repo(tmp_path_factory):
     """A repository copy whose params shrink every stage."""
-    root = repo_copy(tmp_path_factory.mktemp("repo"))
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    params["synth"]["sizes"] = SMALL_SIZES
-    params["ingest"].update(train_size=100, min_test_per_dataset=5, max_reject_rate=0.2)
-    params["backbone"]["tiny"].update(hidden_size=64, intermediate_size=128, layers=2, vision_hidden_size=32,
-                                      vision_heads=2, image_size=32)
-    params["backbone"]["pretrain"].update(samples=32)
-    params["backbone"]["pretrain"]["train"].update(epochs=1)
-    params["sft"]["train"].update(epochs=1)
-    params["sft"]["heldout"].update(samples=8, max_new_tokens=24)
-    params["rl"]["grpo"].update(max_steps=2, images_per_device=2, max_completion_length=16)
-    params["rl"]["heldout"].update(samples=8, max_new_tokens=24)
-    params["evaluate"].update(max_per_test_set=6)
-    params["evaluate"]["decoding"].update(max_new_tokens=24, batch_size=16)
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    return root
-
-
-def run(cmd, root, env):
-    done = subprocess.run(cmd, cwd=root, env=_with_venv(env), capture_output=True, text=True)
-    assert done.returncode == 0, f"{cmd} failed:\n{done.stdout}\n{done.stderr}"
-    return done.stdout
+    return shrink_params(repo_copy(tmp_path_factory.mktemp("repo")))
 
 
 def stage_runs(tracking_uri):
@@ -123,7 +97,7 @@ def test_the_rapo_policy_is_registered_and_served_with_critique_and_score(reprod
     port = _free_port()
     server = subprocess.Popen(
         ["mlflow", "models", "serve", "-m", "models:/aesr1-policy/1", "--env-manager", "local", "-h", "127.0.0.1",
-         "-p", str(port)], cwd=small_repo, env=_with_venv(env), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+         "-p", str(port)], cwd=small_repo, env=with_venv(env), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         body = {"dataframe_records": [{"image": base64.b64encode(image.read_bytes()).decode()}],
                 "params": {"max_new_tokens": 24}}
@@ -151,7 +125,7 @@ def test_score_command_uses_the_latest_pipeline_model_or_a_registry_uri(reproduc
     for p in images:
         (folder / p.name).write_bytes(p.read_bytes())
     (folder / "broken.jpg").write_bytes(images[0].read_bytes()[:50])
-    done = subprocess.run(["aesr1", "score", str(folder), "--greedy"], cwd=small_repo, env=_with_venv(env),
+    done = subprocess.run(["aesr1", "score", str(folder), "--greedy"], cwd=small_repo, env=with_venv(env),
                           capture_output=True, text=True)
     assert done.returncode == 1  # one image could not be read: said, and the others still scored
     assert "broken.jpg\terror: cannot read image" in done.stdout
@@ -162,10 +136,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _with_venv(env: dict) -> dict:
-    return {**env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"}
 
 
 def _post_when_up(url: str, body: dict, server: subprocess.Popen, timeout_s: float = 120) -> dict:
@@ -182,21 +152,36 @@ def _post_when_up(url: str, body: dict, server: subprocess.Popen, timeout_s: flo
     raise AssertionError("the model server did not answer in time")
 
 
-def test_prefect_flow_runs_the_same_stages(small_repo, tmp_path, monkeypatch):
+def test_a_failed_stage_keeps_earlier_outputs_and_a_rerun_resumes_there(tmp_path, monkeypatch):
+    """Through the Prefect flow (test harness): distill fails, synth and ingest stay; the rerun starts at distill."""
     from prefect.testing.utilities import prefect_test_harness
 
     from flows.pipeline import pipeline
 
+    root = shrink_params(repo_copy(tmp_path / "repo"))
     env = cli_env(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", env["MLFLOW_TRACKING_URI"])
-    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("PATH", with_venv(dict(os.environ))["PATH"])
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    good_params = (root / "params.yaml").read_text()
+    params["distill"]["no_such_setting"] = 1  # unknown keys are errors: the distill stage fails on it
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    stages = ["synth", "ingest", "distill"]
     with prefect_test_harness():
-        state = pipeline(root=str(small_repo), force=True, return_state=True)
+        failed = pipeline(stages=stages, root=str(root), return_state=True)
+        assert failed.is_failed() and "stage 'distill' failed" in failed.message
+        train = root / "data/ingest/train.parquet"
+        assert train.is_file() and (root / "metrics/ingest.json").is_file()
+        first_build = train.stat().st_mtime_ns
+
+        (root / "params.yaml").write_text(good_params)
+        state = pipeline(stages=stages, root=str(root), return_state=True)
     assert state.is_completed(), state
-    assert state.result() == STAGES
+    assert state.result() == stages
+    assert train.stat().st_mtime_ns == first_build  # ingest was not redone
+    assert (root / "data/aescot/distilled.parquet").is_file()
     runs = stage_runs(env["MLFLOW_TRACKING_URI"])
-    assert sorted(runs["tags.mlflow.runName"]) == sorted(STAGES)
-    assert runs["tags.aesr1.pipeline_id"].nunique() == 1
+    assert sorted(runs["tags.mlflow.runName"]) == ["distill", "distill", "ingest", "synth"]
     with pytest.raises(ValueError, match="unknown stages"):
         with prefect_test_harness():
-            pipeline(stages=["nope"], root=str(small_repo))
+            pipeline(stages=["nope"], root=str(root))

@@ -1,0 +1,135 @@
+"""The paper's ablations as queued ``dvc exp`` experiments, then a report beside the paper's tables.
+
+    python -m flows.ablations rewards                # binary, error, rank, binary+rank, error+rank
+    python -m flows.ablations rewards --cold-start   # the same, each RL starting from the SFT model
+    python -m flows.ablations sft-epochs             # 0, 1, 2, 10 epochs of SFT, then RAPO
+
+Each setting is one experiment (``dvc exp run --queue -S ...``), run one after another
+(``dvc exp run --run-all``); DVC restores every stage the setting does not change from
+its cache. Their MLflow runs go to an experiment of their own (``aesr1-ablation-<study>``),
+one pipeline run per setting named after the DVC experiment, so the MLflow UI compares
+them side by side. The report (markdown and plot) lands in ``data/ablations/<study>/``
+and in that MLflow experiment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import pandas as pd
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from tasks.dvc_stage import run_logged
+
+REWARD_MODES = ["binary", "error", "rank", "binary+rank", "error+rank"]
+# Every setting evaluates only its RAPO model and registers nothing.
+COMMON = {"evaluate.only": "[rapo]", "evaluate.register.model": "null"}
+RESULT_COLUMNS = ["plcc", "srcc", "unparseable_rate", "starting_entropy"]
+
+
+def study_settings(study: str, cold_start: bool = False) -> dict[str, dict[str, str]]:
+    """Setting name -> params overrides (``-S key=value``) of one study."""
+    if study == "rewards":
+        start = {} if cold_start else {"rl.model": "data/models/backbone"}  # the paper: RL without cold start
+        return {mode: {**start, "rl.rewards.mode": mode} for mode in REWARD_MODES}
+    if study == "sft-epochs":
+        return {"0": {"rl.model": "data/models/backbone"},
+                **{str(e): {"sft.train.epochs": str(e)} for e in (1, 2, 10)}}
+    raise ValueError(f"unknown study {study!r}; choose rewards or sft-epochs")
+
+
+def experiment_name(study: str, setting: str, stamp: str) -> str:
+    return f"{study}-{setting.replace('+', '-plus-')}-{stamp}"
+
+
+@task(name="queue-experiment", task_run_name="{name}", cache_policy=NO_CACHE)
+def queue_experiment(root: str, name: str, overrides: dict[str, str]) -> None:
+    sets = [arg for key, value in {**COMMON, **overrides}.items() for arg in ("-S", f"{key}={value}")]
+    run_logged(["dvc", "exp", "run", "--queue", "-n", name, *sets], root)
+
+
+@task(name="run-queued-experiments", cache_policy=NO_CACHE)
+def run_queue(root: str, jobs: int, mlflow_experiment: str) -> None:
+    run_logged(["dvc", "exp", "run", "--run-all", "--jobs", str(jobs)], root, {"AESR1_EXPERIMENT": mlflow_experiment})
+
+
+def experiment_results(exp_show: list, names: dict[str, str]) -> pd.DataFrame:
+    """Rows (setting, experiment, plcc, srcc, ...) from ``dvc exp show --json`` for the named experiments."""
+    found = {}
+    for baseline in exp_show:
+        for group in baseline.get("experiments") or []:
+            for rev in group.get("revs") or []:
+                if rev.get("name") in names.values():
+                    found[rev["name"]] = (rev.get("data") or {}).get("metrics") or {}
+    rows = []
+    for setting, name in names.items():
+        metrics = found.get(name)
+        if metrics is None:
+            rows.append({"setting": setting, "experiment": name})
+            continue
+        evaluate = (metrics.get("metrics/evaluate.json") or {}).get("data", {}).get("rapo", {})
+        sft = (metrics.get("metrics/sft.json") or {}).get("data", {})
+        average = evaluate.get("average", {})
+        rows.append({"setting": setting, "experiment": name, "plcc": average.get("plcc"),
+                     "srcc": average.get("srcc"), "unparseable_rate": average.get("unparseable_rate"),
+                     "starting_entropy": sft.get("starting_entropy")})
+    frame = pd.DataFrame(rows, columns=["setting", "experiment", *RESULT_COLUMNS])
+    return frame.astype({c: float for c in RESULT_COLUMNS})
+
+
+@task(name="collect-results", cache_policy=NO_CACHE)
+def collect(root: str, names: dict[str, str]) -> pd.DataFrame:
+    out = run_logged(["dvc", "exp", "show", "--json"], root)
+    return experiment_results(json.loads(out[out.index("["):]), names)
+
+
+@flow(name="aesr1-ablation", flow_run_name="{study}", log_prints=True)
+def ablation(study: str, root: str = ".", cold_start: bool = False, jobs: int = 1,
+             out_dir: str = "data/ablations") -> str:
+    """Queue and run one study's experiments, then write its report; returns the report's path."""
+    from aesr1.evaluation.ablation import write_ablation_report
+
+    root = str(Path(root).resolve())
+    settings = study_settings(study, cold_start)
+    stamp = time.strftime("%Y%m%d%H%M%S")
+    names = {setting: experiment_name(study, setting, stamp) for setting in settings}
+    for setting, overrides in settings.items():
+        queue_experiment(root, names[setting], overrides)
+    mlflow_experiment = f"aesr1-ablation-{study}"
+    run_queue(root, jobs, mlflow_experiment)
+    results = collect(root, names)
+    report, plot = write_ablation_report(study, results, Path(root) / out_dir / study)
+    _log_report(root, mlflow_experiment, study, results, report, plot)
+    get_run_logger().info("%s:\n%s", report, report.read_text())
+    return str(report)
+
+
+def _log_report(root: str, experiment: str, study: str, results: pd.DataFrame, report: Path, plot: Path) -> None:
+    import mlflow
+
+    from aesr1.tracking import ensure_experiment, tracking_uri
+
+    mlflow.set_tracking_uri(tracking_uri(Path(root)))
+    experiment_id = ensure_experiment(mlflow.MlflowClient(), Path(root), experiment)
+    with mlflow.start_run(experiment_id=experiment_id, run_name=f"{study}-report", tags={"aesr1.role": "report"}):
+        mlflow.log_artifact(str(report))
+        mlflow.log_artifact(str(plot))
+        mlflow.log_table(results, artifact_file="results.json")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("study", choices=["rewards", "sft-epochs"])
+    parser.add_argument("--cold-start", action="store_true", help="rewards: start RL from the SFT model")
+    parser.add_argument("--jobs", type=int, default=1, help="experiments at a time")
+    parser.add_argument("--root", default=".")
+    args = parser.parse_args(argv)
+    print(ablation(study=args.study, root=args.root, cold_start=args.cold_start, jobs=args.jobs))
+
+
+if __name__ == "__main__":
+    main()

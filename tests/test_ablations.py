@@ -1,0 +1,71 @@
+"""The ablation studies' settings, reading `dvc exp show`, and the report beside the paper's tables."""
+
+import math
+
+import pandas as pd
+import pytest
+
+from aesr1.evaluation.ablation import findings, write_ablation_report
+from flows.ablations import COMMON, experiment_name, experiment_results, study_settings
+
+
+def test_reward_study_runs_every_mode_without_cold_start_unless_asked():
+    settings = study_settings("rewards")
+    assert list(settings) == ["binary", "error", "rank", "binary+rank", "error+rank"]
+    assert all(s["rl.model"] == "data/models/backbone" for s in settings.values())  # the paper: no cold start
+    assert "rl.model" not in study_settings("rewards", cold_start=True)["rank"]
+    assert settings["binary+rank"]["rl.rewards.mode"] == "binary+rank"
+    assert COMMON["evaluate.only"] == "[rapo]" and COMMON["evaluate.register.model"] == "null"
+
+
+def test_sft_epoch_study_zero_epochs_means_rl_from_the_backbone():
+    settings = study_settings("sft-epochs")
+    assert settings["0"] == {"rl.model": "data/models/backbone"}
+    assert [settings[e]["sft.train.epochs"] for e in ("1", "2", "10")] == ["1", "2", "10"]
+    with pytest.raises(ValueError, match="unknown study"):
+        study_settings("learning-rate")
+    assert experiment_name("rewards", "error+rank", "0101") == "rewards-error-plus-rank-0101"
+
+
+def _exp(name, plcc, srcc, entropy):
+    return {"rev": "abc", "name": name, "data": {"metrics": {
+        "metrics/evaluate.json": {"data": {"rapo": {"average": {"plcc": plcc, "srcc": srcc,
+                                                                "unparseable_rate": 0.1}}}},
+        "metrics/sft.json": {"data": {"starting_entropy": entropy}}}}}
+
+
+def test_results_come_from_dvc_exp_show_by_experiment_name():
+    shown = [{"rev": "workspace", "data": {}, "experiments": None},
+             {"rev": "sha", "name": "main", "experiments": [
+                 {"revs": [_exp("s-1-x", 0.5, 0.4, 1.2)]}, {"revs": [_exp("other", 0.9, 0.9, 0.1)]}]}]
+    results = experiment_results(shown, {"1": "s-1-x", "2": "s-2-x"})
+    assert list(results.setting) == ["1", "2"]
+    assert results.plcc.iloc[0] == 0.5 and results.starting_entropy.iloc[0] == 1.2
+    assert math.isnan(results.plcc.iloc[1])  # an experiment that did not finish: a gap, not a guess
+
+
+def test_findings_say_which_of_the_papers_shapes_hold():
+    paper_like = pd.DataFrame({"setting": ["binary", "error", "rank", "binary+rank", "error+rank"],
+                               "plcc": [0.42, 0.56, 0.45, 0.59, 0.63], "srcc": [0.44, 0.56, 0.59, 0.58, 0.61]})
+    assert all(held for _, held in findings("rewards", paper_like))
+    flat = paper_like.assign(plcc=0.5, srcc=0.5)
+    verdicts = dict(findings("rewards", flat))
+    assert verdicts["rank-only ranks better than it calibrates (SRCC > PLCC)"] is False
+    epochs = pd.DataFrame({"setting": ["0", "1", "2", "10"], "starting_entropy": [0.9, 1.6, 1.4, 0.7],
+                           "plcc": [0.6, 0.63, 0.6, 0.46], "srcc": [0.6, 0.62, 0.59, 0.47]})
+    assert all(held for _, held in findings("sft-epochs", epochs))
+    missing = epochs.assign(starting_entropy=float("nan"))
+    assert dict(findings("sft-epochs", missing))["starting entropy falls with more SFT epochs (1 > 2 > 10)"] is None
+
+
+def test_report_puts_our_table_beside_the_papers(tmp_path):
+    ours = pd.DataFrame({"setting": ["rank", "error"], "experiment": ["e-rank", "e-error"],
+                         "plcc": [0.3, 0.4], "srcc": [0.5, 0.35], "unparseable_rate": [0.0, 0.1],
+                         "starting_entropy": [math.nan, math.nan]})
+    report, plot = write_ablation_report("rewards", ours, tmp_path)
+    text = report.read_text()
+    assert "| rank | e-rank | 0.300 | 0.500 | 0.000 | 0.454 | 0.591 |" in text
+    assert "| binary | - | - | - | - | 0.425 | 0.443 |" in text  # the paper's row stays, ours is a gap
+    assert "rank-only ranks better than it calibrates (SRCC > PLCC): **holds**" in text
+    assert "error+rank (RAPO) is best on both PLCC and SRCC: **not measured**" in text
+    assert plot.stat().st_size > 1000
