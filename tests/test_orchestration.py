@@ -127,7 +127,7 @@ def test_gpu_pool_runs_rl_through_a_dvc_remote_and_a_dead_worker_fails_the_run_v
     assert json.loads((cpu / "metrics/rl.json").read_text()) == json.loads((gpu / "metrics/rl.json").read_text())
     assert (cpu / "metrics/evaluate.json").is_file()
     assert "rl:" in (cpu / "dvc.lock").read_text()
-    assert "gpu-rl" in (tmp_path / "worker-gpu.log").read_text()
+    assert "Flow run 'rl'" in (tmp_path / "worker-gpu.log").read_text()  # the gpu worker ran it
 
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
     runs = mlflow.search_runs(experiment_names=["aesr1"], filter_string="tags.`aesr1.role` = 'stage'")
