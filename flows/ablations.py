@@ -89,12 +89,16 @@ def collect(root: str, names: dict[str, str]) -> pd.DataFrame:
 
 @flow(name="aesr1-ablation", flow_run_name="{study}", log_prints=True)
 def ablation(study: str, root: str = ".", cold_start: bool = False, jobs: int = 1,
-             out_dir: str = "data/ablations") -> str:
-    """Queue and run one study's experiments, then write its report; returns the report's path."""
+             out_dir: str = "data/ablations", settings: list[str] | None = None) -> str:
+    """Queue and run one study's experiments (``settings``: only these), then write its report."""
     from aesr1.evaluation.ablation import write_ablation_report
 
     root = str(Path(root).resolve())
-    settings = study_settings(study, cold_start)
+    all_settings = study_settings(study, cold_start)
+    unknown = sorted(set(settings or []) - set(all_settings))
+    if unknown:
+        raise ValueError(f"unknown settings {unknown} for {study}; known: {list(all_settings)}")
+    settings = {k: v for k, v in all_settings.items() if not settings or k in settings}
     stamp = time.strftime("%Y%m%d%H%M%S")
     names = {setting: experiment_name(study, setting, stamp) for setting in settings}
     for setting, overrides in settings.items():
@@ -126,9 +130,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("study", choices=["rewards", "sft-epochs"])
     parser.add_argument("--cold-start", action="store_true", help="rewards: start RL from the SFT model")
     parser.add_argument("--jobs", type=int, default=1, help="experiments at a time")
+    parser.add_argument("--settings", nargs="*", help="run only these settings (e.g. rank error)")
     parser.add_argument("--root", default=".")
     args = parser.parse_args(argv)
-    print(ablation(study=args.study, root=args.root, cold_start=args.cold_start, jobs=args.jobs))
+    print(ablation(study=args.study, root=args.root, cold_start=args.cold_start, jobs=args.jobs,
+                   settings=args.settings))
 
 
 if __name__ == "__main__":
