@@ -185,3 +185,34 @@ def test_a_failed_stage_keeps_earlier_outputs_and_a_rerun_resumes_there(tmp_path
     with pytest.raises(ValueError, match="unknown stages"):
         with prefect_test_harness():
             pipeline(stages=["nope"], root=str(root))
+
+
+def test_an_ablation_runs_as_queued_dvc_experiments_and_reports_beside_the_paper(reproduced, monkeypatch):
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.ablations import ablation
+
+    small_repo, env = reproduced
+    identity = {"GIT_AUTHOR_NAME": "aesr1 tests", "GIT_AUTHOR_EMAIL": "tests@aesr1.invalid",
+                "GIT_COMMITTER_NAME": "aesr1 tests", "GIT_COMMITTER_EMAIL": "tests@aesr1.invalid"}
+    for key, value in {**identity, "MLFLOW_TRACKING_URI": env["MLFLOW_TRACKING_URI"],
+                       "PATH": with_venv(dict(os.environ))["PATH"]}.items():
+        monkeypatch.setenv(key, value)
+    run(["git", "add", "-A"], small_repo, env)
+    run(["git", "commit", "-qm", "baseline"], small_repo, {**env, **identity})  # experiments start from a commit
+    with prefect_test_harness():
+        report = Path(ablation(study="rewards", root=str(small_repo), cold_start=True, settings=["rank", "error"]))
+    text = report.read_text()
+    assert "| rank | rewards-rank-" in text and "| error | rewards-error-" in text
+    assert "| binary | - |" in text  # not run: the paper's row with a gap, never a guess
+    assert (report.parent / "plot.png").is_file()
+
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    runs = mlflow.search_runs(experiment_names=["aesr1-ablation-rewards"])
+    pipelines = runs[runs["tags.aesr1.role"] == "pipeline"]
+    assert sorted(name.split("-")[1] for name in pipelines["tags.mlflow.runName"]) == ["error", "rank"]
+    stages = runs[runs["tags.aesr1.role"] == "stage"]
+    assert set(stages["tags.mlflow.runName"]) == {"rl", "evaluate"}  # the rest came from DVC's cache
+    assert (runs["tags.aesr1.role"] == "report").sum() == 1
+    shown = run(["dvc", "exp", "show", "--csv"], small_repo, env)
+    assert "rewards-rank-" in shown and "rewards-error-" in shown
