@@ -222,6 +222,7 @@ def evaluate(cfg: EvaluateConfig, recorder: Recorder) -> dict:
         histogram_plot(rows, cfg.test_sets, out / "plots" / f"histogram_{name}.png", name)
     if cfg.rl_history and Path(cfg.rl_history).is_file():
         history_curves(pd.read_csv(cfg.rl_history)).to_csv(out / "rl_curves.csv", index=False)
+        recorder.artifact(out / "rl_curves.csv", "plots")
     write_report(out / "report.md", metrics, ceilings, cfg.test_sets, PAPER)
     recorder.artifact(out / "plots", "plots")
     recorder.artifact(out / "report.md")

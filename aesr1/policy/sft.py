@@ -60,11 +60,11 @@ def heldout_images(test_manifest: str, cfg: HeldoutConfig) -> pd.DataFrame:
 
 
 def probe(model, processor, images: pd.DataFrame, cfg: HeldoutConfig) -> tuple[dict, pd.DataFrame]:
-    """Sample one completion per image at the RL temperature: entropy, format-valid rate, correlations."""
+    """Sample one completion per image at the RL temperature: token entropy, format-valid rate, correlations."""
     sampled = sample(model, processor, list(images.image_path), n=1, temperature=cfg.temperature,
                      max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
     preds = np.array([parse_score(t) for t in sampled.texts])
-    metrics = {"starting_entropy": sampled.entropy, "format_valid_rate": float(np.isfinite(preds).mean()),
+    metrics = {"entropy": sampled.entropy, "format_valid_rate": float(np.isfinite(preds).mean()),
                "heldout_images": len(images), **correlations(preds, images.score)}
     metrics.pop("n")
     table = images[["image_id", "score"]].assign(completion=sampled.texts, predicted=preds)
@@ -92,5 +92,7 @@ def sft(cfg: SFTStageConfig, recorder: Recorder) -> dict:
         "loss_last": losses[-1] if losses else math.nan,
         "train_runtime_s": train_stats.get("train_runtime", math.nan),
         "train_samples_per_second": train_stats.get("train_samples_per_second", math.nan),
+        # after SFT the probe's entropy is the entropy RL starts from (the paper's Tab. 3)
+        "starting_entropy": probe_metrics.pop("entropy"),
         **probe_metrics,
     }
