@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from aesr1.evaluation.report import markdown_table
+
 # REFERENCE.md: (PLCC, SRCC) and starting entropy per setting
 PAPER = {
     "rewards": pd.DataFrame({
@@ -77,7 +79,9 @@ def write_ablation_report(study: str, ours: pd.DataFrame, out_dir: str | Path) -
     columns = [c for c in ("setting", "experiment", "starting_entropy", "plcc", "srcc", "unparseable_rate",
                            "paper_starting_entropy", "paper_plcc", "paper_srcc")
                if c in table.columns and not (c == "starting_entropy" and table[c].isna().all())]
-    lines = [f"# Ablation: {study}", "", _markdown(table[columns]), "", "## The paper's findings here", ""]
+    frame = table[columns].astype(object).where(table[columns].notna(), None)
+    lines = [f"# Ablation: {study}", "", markdown_table(columns, frame.values.tolist()), "",
+             "## The paper's findings here", ""]
     for text, held in findings(study, table):
         lines.append(f"- {text}: **{ {True: 'holds', False: 'does not hold', None: 'not measured'}[held] }**")
     report = out / "report.md"
@@ -97,11 +101,3 @@ def write_ablation_report(study: str, ours: pd.DataFrame, out_dir: str | Path) -
     fig.savefig(plot, dpi=90)
     plt.close(fig)
     return report, plot
-
-
-def _markdown(frame: pd.DataFrame) -> str:
-    cells = frame.map(lambda x: f"{x:.3f}" if isinstance(x, float) and not math.isnan(x)
-                      else "-" if isinstance(x, float) else str(x))
-    head = "| " + " | ".join(frame.columns) + " |"
-    return "\n".join([head, "|---" * len(frame.columns) + "|"]
-                     + ["| " + " | ".join(row) + " |" for row in cells.itertuples(index=False)])

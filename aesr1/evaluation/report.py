@@ -6,19 +6,26 @@ import math
 from pathlib import Path
 
 
-def _f(value) -> str:
-    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
+def number(value) -> str:
+    """Three decimals; '-' for a missing or undefined value."""
+    missing = value is None or (isinstance(value, float) and math.isnan(value))
+    return "-" if missing else f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def markdown_table(columns: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
+    lines += ["| " + " | ".join(number(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
 
 
 def main_table(metrics: dict, test_sets: list[str]) -> str:
     """Rows: models; columns: PLCC / SRCC per test set and their average (the paper's layout)."""
-    head = "| model | " + " | ".join(f"{t} PLCC / SRCC" for t in test_sets) + " | average PLCC / SRCC |"
-    lines = [head, "|---" * (len(test_sets) + 2) + "|"]
-    for model, result in metrics.items():
-        cells = [f"{_f(result.get(t, {}).get('plcc'))} / {_f(result.get(t, {}).get('srcc'))}" for t in test_sets]
-        avg = result["average"]
-        lines.append(f"| {model} | " + " | ".join(cells) + f" | **{_f(avg['plcc'])} / {_f(avg['srcc'])}** |")
-    return "\n".join(lines)
+    def pair(result: dict) -> str:
+        return f"{number(result.get('plcc'))} / {number(result.get('srcc'))}"
+
+    rows = [[model, *(pair(result.get(t, {})) for t in test_sets), f"**{pair(result['average'])}**"]
+            for model, result in metrics.items()]
+    return markdown_table(["model", *(f"{t} PLCC / SRCC" for t in test_sets), "average PLCC / SRCC"], rows)
 
 
 def write_report(path: Path, metrics: dict, ceilings: dict, test_sets: list[str], paper: dict) -> None:
@@ -26,27 +33,21 @@ def write_report(path: Path, metrics: dict, ceilings: dict, test_sets: list[str]
              main_table(metrics, test_sets), ""]
     if ceilings:
         parts += ["Noise ceiling (MOS vs AesSynth's latent score) PLCC / SRCC: "
-                  + ", ".join(f"{t} {_f(c['plcc'])} / {_f(c['srcc'])}" for t, c in ceilings.items()), ""]
+                  + ", ".join(f"{t} {number(c['plcc'])} / {number(c['srcc'])}" for t, c in ceilings.items()), ""]
+    beside = [[model, result["average"]["plcc"], result["average"]["srcc"], *paper.get(model, ("-", None, None))]
+              for model, result in metrics.items()]
     parts += ["## Beside the paper (average over the five test sets)", "",
-              "| ours | PLCC | SRCC | paper | PLCC | SRCC |", "|---|---|---|---|---|---|"]
-    for model, result in metrics.items():
-        label, plcc, srcc = paper.get(model, ("-", None, None))
-        parts.append(f"| {model} | {_f(result['average']['plcc'])} | {_f(result['average']['srcc'])} "
-                     f"| {label} | {_f(plcc)} | {_f(srcc)} |")
-    parts += ["", "## In and out of domain, against the noise ceiling", "",
-              "| model | in-domain PLCC | out-of-domain PLCC | in-domain / ceiling | out-of-domain / ceiling "
-              "| unparseable |", "|---|---|---|---|---|---|"]
-    for model, result in metrics.items():
-        a = result["average"]
-        parts.append(f"| {model} | {_f(a['in_domain_plcc'])} | {_f(a['out_of_domain_plcc'])} "
-                     f"| {_f(a.get('in_domain_ceiling_ratio'))} | {_f(a.get('out_of_domain_ceiling_ratio'))} "
-                     f"| {_f(a['unparseable_rate'])} |")
-    parts += ["", "## Critiques (the AesCoT filters on the models' own critiques) and entropy", "",
-              "| model | words | dimension coverage | leak | fact errors | align errors | tone-score SRCC "
-              "| token entropy |", "|---|---|---|---|---|---|---|---|"]
-    for model, result in metrics.items():
-        c = result["critique"]
-        parts.append(f"| {model} | {_f(c.get('mean_words'))} | {_f(c.get('dimension_coverage'))} "
-                     f"| {_f(c.get('leak_rate'))} | {_f(c.get('fact_error_rate'))} | {_f(c.get('align_error_rate'))} "
-                     f"| {_f(c.get('tone_score_srcc'))} | {_f(result['entropy'])} |")
+              markdown_table(["ours", "PLCC", "SRCC", "paper", "PLCC", "SRCC"], beside), ""]
+    domains = [[model, a["in_domain_plcc"], a["out_of_domain_plcc"], a.get("in_domain_ceiling_ratio"),
+                a.get("out_of_domain_ceiling_ratio"), a["unparseable_rate"]]
+               for model, a in ((m, r["average"]) for m, r in metrics.items())]
+    parts += ["## In and out of domain, against the noise ceiling", "",
+              markdown_table(["model", "in-domain PLCC", "out-of-domain PLCC", "in-domain / ceiling",
+                              "out-of-domain / ceiling", "unparseable"], domains), ""]
+    critiques = [[model, c.get("mean_words"), c.get("dimension_coverage"), c.get("leak_rate"),
+                  c.get("fact_error_rate"), c.get("align_error_rate"), c.get("tone_score_srcc"), result["entropy"]]
+                 for model, result in metrics.items() for c in [result["critique"]]]
+    parts += ["## Critiques (the AesCoT filters on the models' own critiques) and entropy", "",
+              markdown_table(["model", "words", "dimension coverage", "leak", "fact errors", "align errors",
+                              "tone-score SRCC", "token entropy"], critiques)]
     path.write_text("\n".join(parts) + "\n")
