@@ -21,6 +21,7 @@ import tempfile
 from dataclasses import field
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -33,8 +34,10 @@ from aesr1.config import config
 from aesr1.data.render import STYLES, Grid, render
 from aesr1.policy.data import policy_prompt, sft_dataset
 from aesr1.policy.train import TrainConfig, fit, finish, run_fingerprint
-from aesr1.stage import Recorder
 from aesr1.trajectory import make_trajectory
+
+if TYPE_CHECKING:  # the model code runs without MLflow too (benchmarks on a bare GPU machine)
+    from aesr1.stage import Recorder
 
 log = logging.getLogger("aesr1.backbone")
 

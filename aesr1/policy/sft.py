@@ -11,6 +11,7 @@ import logging
 import math
 from dataclasses import field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -21,8 +22,10 @@ from aesr1.policy.backbone import resolve_model
 from aesr1.policy.data import sft_dataset
 from aesr1.policy.generation import load_policy, sample
 from aesr1.policy.train import TrainConfig, fit, run_fingerprint, save_policy
-from aesr1.stage import Recorder
 from aesr1.trajectory import parse_score
+
+if TYPE_CHECKING:  # the model code runs without MLflow too (benchmarks on a bare GPU machine)
+    from aesr1.stage import Recorder
 
 log = logging.getLogger("aesr1.sft")
 

@@ -16,7 +16,7 @@ import logging
 import math
 from dataclasses import field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import pandas as pd
 import torch
@@ -31,8 +31,10 @@ from aesr1.policy.generation import load_policy
 from aesr1.policy.sft import HeldoutConfig, heldout_images, probe
 from aesr1.policy.train import LORA_TARGETS, freeze_vision, restore_weights, run_fingerprint, save_policy
 from aesr1.rl.reward_funcs import completion_text, make_reward_funcs, rewards_for_mode
-from aesr1.stage import Recorder
 from aesr1.trajectory import parse_score
+
+if TYPE_CHECKING:  # the trainer runs without MLflow too (benchmarks/rl.py on a bare GPU machine)
+    from aesr1.stage import Recorder
 
 log = logging.getLogger("aesr1.rl")
 
@@ -74,6 +76,7 @@ class GRPOParams:
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05
+    gradient_checkpointing: bool = False  # trade compute for memory on a real backbone
     use_vllm: bool = False
     vllm_mode: Literal["colocate", "server"] = "colocate"
     logging_steps: int = 1
@@ -136,7 +139,7 @@ class CompletionTables(TrainerCallback):
         return control
 
 
-def grpo_config(cfg: RLStageConfig, checkpoints: Path, reward_weights: list[float]):
+def grpo_config(cfg: RLStageConfig, checkpoints: Path, reward_weights: list[float], report_to: list[str]):
     from trl import GRPOConfig
 
     g = cfg.grpo
@@ -149,21 +152,21 @@ def grpo_config(cfg: RLStageConfig, checkpoints: Path, reward_weights: list[floa
         lr_scheduler_type=g.lr_scheduler, beta=g.beta, epsilon=g.epsilon, epsilon_high=g.epsilon_high,
         num_iterations=g.num_iterations, loss_type=g.loss_type, temperature=g.temperature, top_p=g.top_p,
         max_completion_length=g.max_completion_length, reward_weights=reward_weights,
-        use_vllm=g.use_vllm, vllm_mode=g.vllm_mode, logging_steps=g.logging_steps, save_strategy="steps",
-        save_steps=g.save_steps, save_total_limit=1, report_to=["mlflow"], disable_tqdm=True,
-        dataloader_num_workers=0, shuffle_dataset=True,
+        gradient_checkpointing=g.gradient_checkpointing, use_vllm=g.use_vllm, vllm_mode=g.vllm_mode,
+        logging_steps=g.logging_steps, save_strategy="steps", save_steps=g.save_steps, save_total_limit=1,
+        report_to=report_to, disable_tqdm=True, dataloader_num_workers=0, shuffle_dataset=True,
     )
 
 
-def rl(cfg: RLStageConfig, recorder: Recorder) -> dict:
+def build_trainer(cfg: RLStageConfig, report_to: list[str], callbacks: list) -> tuple:
+    """(trainer, processor, training frame, reward names, reward weights, checkpoint folder) as the stage uses them."""
     from peft import LoraConfig
     from trl import GRPOTrainer
 
     train = pd.read_parquet(cfg.train_manifest)
     if cfg.train_images is not None:
         train = train.sample(min(cfg.train_images, len(train)), random_state=cfg.grpo.seed)
-    source = resolve_model(cfg.model)
-    model, processor = load_policy(source)
+    model, processor = load_policy(resolve_model(cfg.model))
     if cfg.grpo.freeze_vision:
         freeze_vision(model)
     names, weights = rewards_for_mode(cfg.rewards.mode, cfg.rewards.relative_weight, cfg.rewards.absolute_weight,
@@ -171,26 +174,32 @@ def rl(cfg: RLStageConfig, recorder: Recorder) -> dict:
     r = cfg.rewards
     reward_funcs = make_reward_funcs(names, sigma=r.sigma, eps=r.eps, gamma=r.gamma, ties=r.ties,
                                      binary_threshold=r.binary_threshold)
-    recorder.param("rapo.reward_functions", ",".join(names))
-    recorder.param("rapo.reward_weights", ",".join(map(str, weights)))
     checkpoints = Path(cfg.checkpoint_root) / f"rl-{run_fingerprint(cfg, len(train), train.image_id.iloc[0])}"
     peft_config = None
     if cfg.grpo.mode == "lora":
         peft_config = LoraConfig(r=cfg.grpo.lora_r, lora_alpha=cfg.grpo.lora_alpha,
                                  lora_dropout=cfg.grpo.lora_dropout, target_modules=LORA_TARGETS,
                                  task_type="CAUSAL_LM")
-    tables = CompletionTables(cfg.grpo.completions_table_every)
     processor.tokenizer.padding_side = "left"
-    trainer = GRPOTrainer(model=model, reward_funcs=reward_funcs, args=grpo_config(cfg, checkpoints, weights),
+    trainer = GRPOTrainer(model=model, reward_funcs=reward_funcs,
+                          args=grpo_config(cfg, checkpoints, weights, report_to),
                           train_dataset=rl_dataset(train), processing_class=processor, peft_config=peft_config,
-                          callbacks=[tables])
+                          callbacks=callbacks)
+    return trainer, processor, train, names, weights, checkpoints
+
+
+def rl(cfg: RLStageConfig, recorder: Recorder) -> dict:
+    tables = CompletionTables(cfg.grpo.completions_table_every)
+    trainer, processor, train, names, weights, checkpoints = build_trainer(cfg, ["mlflow"], [tables])
     tables.trainer = trainer
+    recorder.param("rapo.reward_functions", ",".join(names))
+    recorder.param("rapo.reward_weights", ",".join(map(str, weights)))
     last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
     if last:
         log.info("resuming from %s", last)
         if cfg.grpo.mode == "full":
             restore_weights(trainer.model, last)
-    log.info("RAPO on %s: %d images, rewards %s weights %s", source, len(train), names, weights)
+    log.info("RAPO on %s: %d images, rewards %s weights %s", cfg.model, len(train), names, weights)
     trainer.train(resume_from_checkpoint=last)
 
     trained = trainer.model
