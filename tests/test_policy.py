@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from aesr1.policy.backbone import (BackboneConfig, PretrainConfig, TinyModelConfig, backbone, build_tokenizer,
-                                   resolve_model)
+from aesr1.policy.backbone import (BackboneConfig, PretrainConfig, TinyModelConfig, backbone, build_tiny,
+                                   build_tokenizer, resolve_model)
 from aesr1.policy.data import sft_dataset
 from aesr1.policy.generation import load_policy, sample, token_entropy
 from aesr1.policy.train import TrainConfig, fit
@@ -63,6 +63,17 @@ def test_tiny_backbone_saves_and_loads_through_the_generic_path(tiny_backbone):
     model, processor = load_policy(resolve_model(folder))
     assert type(model).__name__ == "Qwen2_5_VLForConditionalGeneration"
     assert type(processor).__name__ == "Qwen2_5_VLProcessor"
+
+
+def test_the_tiny_model_is_initialised_from_its_seed_whatever_the_process_state():
+    def weights(seed: int, process_seed: int) -> list[torch.Tensor]:
+        torch.manual_seed(process_seed)  # each process starts torch from a different seed
+        model, _ = build_tiny(SMALL, seed)
+        return list(model.state_dict().values())
+
+    first, again, other = weights(0, 1), weights(0, 2), weights(1, 1)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not all(torch.equal(a, b) for a, b in zip(first, other))
 
 
 def test_a_real_backbone_is_pointed_at_not_copied(tmp_path, tiny_backbone):

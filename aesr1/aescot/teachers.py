@@ -116,6 +116,13 @@ _LABELS = {"lighting": "Lighting", "emotion & narrative": "Emotion & narrative",
            "color": "Color", "exposure": "Exposure"}
 
 
+def phrase_bank() -> list[str]:
+    """The analytic teacher's fixed wording besides the claims (neutral remarks, verdicts, labels), for a tokenizer."""
+    return ([p for band in _NEUTRAL.values() for phrases in band.values() for p in phrases]
+            + [v for verdicts in _VERDICTS.values() for v in verdicts]
+            + [f"{label}: " for label in _LABELS.values()])
+
+
 class AnalyticTeacher:
     """Writes critiques from measured image statistics: every claim holds for the pixels."""
 

@@ -149,9 +149,7 @@ def tokenizer_corpus() -> list[str]:
     texts = [policy_prompt(), DESCRIBE_PROMPT, "system\nYou are a helpful assistant.\nuser\nassistant\n"]
     for claim in CLAIMS:
         texts += [p.format(light_from=d) for p in claim.phrases for d in ("left", "right", "top", "bottom")]
-    texts += [p for band in teachers._NEUTRAL.values() for phrases in band.values() for p in phrases]
-    texts += [v for verdicts in teachers._VERDICTS.values() for v in verdicts]
-    texts += [f"{label}: " for label in teachers._LABELS.values()]
+    texts += teachers.phrase_bank()
     texts += [make_trajectory("x", s / 100) for s in range(101)]
     texts += [f"A {t} image. A {c} shape in the {p}. The background is {c} above and {c} below."
               for t in ("dark", "bright", "mid-toned") for c in _HUES + ["grey", "black", "white"]
@@ -181,8 +179,13 @@ def build_tokenizer(vocab_size: int):
     return tokenizer
 
 
-def build_tiny(cfg: TinyModelConfig):
-    """A randomly initialised Qwen2.5-VL and its processor, from config."""
+def build_tiny(cfg: TinyModelConfig, seed: int = 0):
+    """A randomly initialised Qwen2.5-VL and its processor, from config.
+
+    The initialisation is seeded: torch's default generator starts from a different seed
+    in every process, and an unseeded build made each pipeline run train a different model.
+    """
+    import torch
     from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
                               Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
 
@@ -213,6 +216,7 @@ def build_tiny(cfg: TinyModelConfig):
         image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
         vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
         tie_word_embeddings=True)
+    torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(model_config)
     model.generation_config.eos_token_id = ids("<|im_end|>")
     model.generation_config.pad_token_id = ids("<|endoftext|>")
@@ -230,7 +234,7 @@ def backbone(cfg: BackboneConfig, recorder: Recorder) -> dict:
         (out / POINTER).write_text(json.dumps({"name_or_path": cfg.name_or_path}, indent=1))
         return {"kind": "pretrained", "model_type": config_.model_type}
 
-    model, processor = build_tiny(cfg.tiny)
+    model, processor = build_tiny(cfg.tiny, cfg.pretrain.seed)
     params = sum(p.numel() for p in model.parameters())
     log.info("tiny Qwen2.5-VL: %.2fM parameters, vocabulary %d", params / 1e6, len(processor.tokenizer))
     checkpoints = Path(cfg.checkpoint_root) / f"backbone-{run_fingerprint(cfg)}"
