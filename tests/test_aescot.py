@@ -149,7 +149,9 @@ def test_filter_stage_rejects_with_evidence_and_honours_review(tmp_path, synth_t
     distilled = pd.read_parquet(out / "distilled.parquet")
     # plant one error of each kind
     distilled.loc[0, "critique"] = distilled.loc[0, "critique"] + " I would rate it 7/10."
-    bright = distilled[[measure_file(p).brightness > 0.6 for p in distilled.image_path]].index.drop(0)[0]
+    brightness = pd.Series([measure_file(p).brightness for p in distilled.image_path], index=distilled.index)
+    bright = brightness.drop(0).idxmax()
+    assert brightness[bright] > 0.45  # bright enough that "underexposed" contradicts it
     distilled.loc[bright, "critique"] += " The frame is underexposed and murky."
     bad = distilled[distilled.band == "bad"].index.drop([0, bright], errors="ignore")[0]
     distilled.loc[bad, "critique"] = CLEAN.replace("a compelling image", "a beautiful, striking, polished image")

@@ -82,9 +82,12 @@ def render(factors: np.ndarray, style: str, rng: np.random.Generator, grid: Grid
     below = np.clip((yy - horizon) * size / 2.0 + 0.5, 0, 1)[..., None]
     scene = sky * (1 - below) + ground * below
 
+    # The jumble's patches take the palette's hues (scattered by the clash), so colour harmony
+    # stays visible in the whole frame, not only in the scene it replaces.
     cells = 4
     patch_colors = np.stack([
-        _hsv(rng.random(), rng.uniform(0.2, 1.0), rng.uniform(0.25, 0.9)) for _ in range(cells * cells)
+        _hsv(element_hue(rng.choice((0.0, 0.03, -0.05))), sat * rng.uniform(0.5, 1.0), rng.uniform(0.25, 0.9))
+        for _ in range(cells * cells)
     ]).reshape(cells, cells, 3)
     ci = np.minimum((yy * cells).astype(int), cells - 1)
     cj = np.minimum((xx * cells).astype(int), cells - 1)
@@ -94,7 +97,7 @@ def render(factors: np.ndarray, style: str, rng: np.random.Generator, grid: Grid
     # Lighting: directional soft gradient scaled by the lighting factor.
     angle = rng.uniform(0, 2 * np.pi)
     gradient = (xx - 0.5) * np.cos(angle) + (yy - 0.5) * np.sin(angle)
-    img = img * (1.0 + 0.6 * lighting * gradient)[..., None]
+    img = img * (1.0 + 1.0 * lighting * gradient)[..., None]
     bg_value = float(img.mean())
 
     # Composition: thirds point vs centred/cropped placement, plus clutter.
@@ -107,11 +110,11 @@ def render(factors: np.ndarray, style: str, rng: np.random.Generator, grid: Grid
     for _ in range(n_clutter):
         px, py = rng.uniform(0.05, 0.95, 2)
         mask = _shape_mask(grid, px, py, rng.uniform(0.035, 0.06), style, 0.02)[..., None]
-        img = img * (1 - mask) + _hsv(rng.random(), rng.uniform(0.3, 1), rng.uniform(0.3, 0.95)) * mask
+        img = img * (1 - mask) + _hsv(element_hue(subj_offset), sat, rng.uniform(0.3, 0.95)) * mask
 
-    # Subject: separated from the background in proportion to lighting, with a
-    # highlight on the lit side.
-    separation = 0.08 + 0.4 * lighting
+    # Subject: separated from the background in proportion to lighting (from almost none in
+    # flat light), with a highlight on the lit side.
+    separation = 0.02 + 0.5 * lighting
     subj_value = bg_value + separation if bg_value < 0.5 else bg_value - separation
     subj_rgb = _hsv(element_hue(subj_offset), max(sat, 0.15), subj_value)
     hx, hy = cx - 0.5 * radius * np.cos(angle), cy - 0.5 * radius * np.sin(angle)
