@@ -97,7 +97,7 @@ def render(factors: np.ndarray, style: str, rng: np.random.Generator, grid: Grid
     # Lighting: directional soft gradient scaled by the lighting factor.
     angle = rng.uniform(0, 2 * np.pi)
     gradient = (xx - 0.5) * np.cos(angle) + (yy - 0.5) * np.sin(angle)
-    img = img * (1.0 + 1.0 * lighting * gradient)[..., None]
+    img = img * (1.0 + lighting * gradient)[..., None]
     bg_value = float(img.mean())
 
     # Composition: thirds point vs centred/cropped placement, plus clutter.

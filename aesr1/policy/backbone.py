@@ -182,8 +182,9 @@ def build_tokenizer(vocab_size: int):
 def build_tiny(cfg: TinyModelConfig, seed: int = 0):
     """A randomly initialised Qwen2.5-VL and its processor, from config.
 
-    The initialisation is seeded: torch's default generator starts from a different seed
-    in every process, and an unseeded build made each pipeline run train a different model.
+    The initialisation is seeded (torch's default generator starts from a different seed in
+    every process, and an unseeded build made each pipeline run train a different model), on a
+    forked generator so the caller's random state is left as it was.
     """
     import torch
     from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
@@ -216,8 +217,9 @@ def build_tiny(cfg: TinyModelConfig, seed: int = 0):
         image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
         vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
         tie_word_embeddings=True)
-    torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(model_config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen2_5_VLForConditionalGeneration(model_config)
     model.generation_config.eos_token_id = ids("<|im_end|>")
     model.generation_config.pad_token_id = ids("<|endoftext|>")
     return model, processor
