@@ -87,7 +87,8 @@ def _score(args: argparse.Namespace) -> int:
     decoding = load_section(args.params, "evaluate", EvaluateConfig).decoding if Path(args.params).is_file() \
         else DecodingConfig()
     decoding = dataclasses.replace(decoding, greedy=args.greedy or decoding.greedy,
-                                   samples_per_image=args.samples or decoding.samples_per_image)
+                                   samples_per_image=args.samples or decoding.samples_per_image,
+                                   readout=args.readout or decoding.readout)
     files = image_files(args.images)
     if not files:
         raise ValueError(f"no images in {args.images}")
@@ -137,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--json", action="store_true", help="print JSON records")
     score.add_argument("--greedy", action="store_true", help="greedy decoding instead of evaluate.decoding")
     score.add_argument("--samples", type=int, help="samples per image, scores averaged")
+    score.add_argument("--readout", choices=["mean", "expected"],
+                       help="mean: of the written scores; expected: of the expected scores under the policy's "
+                            "digit distribution after each critique (lower noise)")
     score.add_argument("--params", default="params.yaml", help="decoding from this file's evaluate section")
     score.set_defaults(handler=_score)
     return parser

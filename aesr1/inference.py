@@ -12,6 +12,7 @@ import base64
 import io
 import math
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -23,15 +24,21 @@ from aesr1.trajectory import parse_score, split_trajectory
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
 
+READOUTS = ("mean", "expected")
+
+
 @config
 class DecodingConfig:
-    """How completions are drawn: the reference's inference sampling by default, or greedy."""
+    """How completions are drawn (the reference's inference sampling by default, or greedy) and read."""
 
     greedy: bool = False
     temperature: float = 0.6
     top_p: float = 0.7
     top_k: int = 50
-    samples_per_image: int = 1  # > 1: the image's score is the mean of its parseable samples
+    samples_per_image: int = 1  # > 1: the image's score is the mean over its samples
+    # mean: of the samples' written scores (one sample: the reference's readout); expected: of each sample's
+    # expected score under the policy's digit distribution after its critique (lower noise, same cost)
+    readout: Literal["mean", "expected"] = "mean"
     max_new_tokens: int = 512
     batch_size: int = 32
     seed: int = 0
@@ -49,9 +56,16 @@ def generate(model, processor, images: list, decoding: DecodingConfig):
                   batch_size=decoding.batch_size, do_sample=not decoding.greedy)
 
 
-def image_scores(texts: list[str], samples_per_image: int) -> np.ndarray:
-    """Per image, the mean of its parseable samples' scores; NaN when none parses."""
-    parsed = np.array([parse_score(t) for t in texts]).reshape(-1, samples_per_image)
+def image_scores(texts: list[str], samples_per_image: int, expected: np.ndarray | None = None) -> np.ndarray:
+    """Per image, the mean of its parseable samples' scores; NaN when none parses.
+
+    With ``expected`` (one per text, :func:`aesr1.policy.generation.expected_answer`), each
+    parseable sample counts with its expected score where it has one, else its written score.
+    """
+    parsed = np.array([parse_score(t) for t in texts])
+    if expected is not None:
+        parsed = np.where(np.isfinite(parsed) & np.isfinite(expected), expected, parsed)
+    parsed = parsed.reshape(-1, samples_per_image)
     finite = np.isfinite(parsed)
     sums = np.where(finite, parsed, 0.0).sum(axis=1)
     counts = finite.sum(axis=1)
@@ -65,8 +79,10 @@ def critique_of(text: str) -> str | None:
 
 def score_images(model, processor, images: list, decoding: DecodingConfig) -> list[dict]:
     """Critique and score per image (score None when no sample parsed); the first sample's text."""
-    texts = generate(model, processor, images, decoding).texts
-    scores = image_scores(texts, decoding.samples_per_image)
+    sampled = generate(model, processor, images, decoding)
+    texts = sampled.texts
+    scores = image_scores(texts, decoding.samples_per_image,
+                          sampled.expected if decoding.readout == "expected" else None)
     results = []
     for i, score in enumerate(scores):
         first = texts[i * decoding.samples_per_image]
@@ -101,7 +117,7 @@ def decode_image(value: str) -> Image.Image:
         raise ValueError("each 'image' must be an existing image file path or base64-encoded image bytes") from error
 
 
-REQUEST_PARAMS = ("greedy", "temperature", "top_p", "top_k", "samples_per_image", "max_new_tokens")
+REQUEST_PARAMS = ("greedy", "temperature", "top_p", "top_k", "samples_per_image", "readout", "max_new_tokens")
 
 
 def request_params(decoding: DecodingConfig) -> dict:
@@ -114,7 +130,7 @@ def signature(decoding: DecodingConfig):
     from mlflow.models import ModelSignature
     from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 
-    kinds = {bool: "boolean", int: "long", float: "double"}
+    kinds = {bool: "boolean", int: "long", float: "double", str: "string"}
     return ModelSignature(
         inputs=Schema([ColSpec("string", "image")]),
         outputs=Schema([ColSpec("string", "critique", required=False), ColSpec("double", "score", required=False),

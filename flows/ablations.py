@@ -28,7 +28,8 @@ from tasks.dvc_stage import run_logged
 REWARD_MODES = ["binary", "error", "rank", "binary+rank", "error+rank"]
 # Every setting evaluates only its RAPO model and registers nothing.
 COMMON = {"evaluate.only": "[rapo]", "evaluate.register.model": "null"}
-RESULT_COLUMNS = ["plcc", "srcc", "unparseable_rate", "starting_entropy"]
+RESULT_COLUMNS = ["plcc", "plcc_se", "srcc", "srcc_se", "expected_plcc", "expected_srcc", "unparseable_rate",
+                  "starting_entropy"]
 
 
 def study_settings(study: str, cold_start: bool = False) -> dict[str, dict[str, str]]:
@@ -74,8 +75,10 @@ def experiment_results(exp_show: list, names: dict[str, str]) -> pd.DataFrame:
         evaluate = (metrics.get("metrics/evaluate.json") or {}).get("data", {}).get("rapo", {})
         sft = (metrics.get("metrics/sft.json") or {}).get("data", {})
         average = evaluate.get("average", {})
-        rows.append({"setting": setting, "experiment": name, "plcc": average.get("plcc"),
-                     "srcc": average.get("srcc"), "unparseable_rate": average.get("unparseable_rate"),
+        expected = ((evaluate.get("readouts") or {}).get("expected") or {}).get("average", {})
+        rows.append({"setting": setting, "experiment": name, **{k: average.get(k) for k in
+                     ("plcc", "plcc_se", "srcc", "srcc_se", "unparseable_rate")},
+                     "expected_plcc": expected.get("plcc"), "expected_srcc": expected.get("srcc"),
                      "starting_entropy": sft.get("starting_entropy")})
     frame = pd.DataFrame(rows, columns=["setting", "experiment", *RESULT_COLUMNS])
     return frame.astype({c: float for c in RESULT_COLUMNS})

@@ -127,3 +127,70 @@ def test_score_inputs_are_files_folders_or_base64(tmp_path):
     (tmp_path / "broken.jpg").write_bytes(a.read_bytes()[:40])
     with pytest.raises(ValueError, match="cannot read image"):
         decode_image(str(tmp_path / "broken.jpg"))
+
+
+def _digit_logits(steps: int, **at: dict[int, float]) -> "torch.Tensor":
+    import torch
+
+    logits = torch.full((steps, 10), -30.0)
+    for step, probs in at.items():
+        for digit, p in probs.items():
+            logits[int(step.removeprefix("s")), digit] = math.log(p)
+    return logits
+
+
+def test_the_expected_score_reads_the_policys_digit_distribution_at_its_answer():
+    from aesr1.policy.generation import expected_answer
+
+    pieces = ["<think>", "fine", "</think>", "<answer>", "0", ".", "6", "2", "</answer>"]
+    # leading digit: 0 with 0.9, 1 with 0.1; tenths: 5, 6, 7 equally; hundredths: 2 for sure
+    logits = _digit_logits(len(pieces), s4={0: 0.9, 1: 0.1}, s6={5: 1 / 3, 6: 1 / 3, 7: 1 / 3}, s7={2: 1.0})
+    assert expected_answer(pieces, logits) == pytest.approx(0.1 * 1.0 + 0.9 * (0.6 + 0.02), abs=1e-6)
+    spaced = ["<think>", "x", "</think>", "<", "answer", ">", " ", "0", ".", "3", "</answer>"]
+    assert expected_answer(spaced, _digit_logits(len(spaced), s7={0: 1.0}, s9={3: 0.5, 5: 0.5})) == \
+        pytest.approx(0.4, abs=1e-6)  # tenths 3 or 5: 0.4
+    for unreadable in (["<think>x</think>", "<answer>", "1", ".", "0", "</answer>"],  # a "1." path
+                       ["<think>x</think>", "<answer>", "0", "</answer>"],  # no decimal
+                       ["<think>x</think>", "<answer>", "0.5", "</answer>"],  # digits not single tokens
+                       ["no answer at all"]):
+        assert math.isnan(expected_answer(unreadable, _digit_logits(len(unreadable))))
+
+
+def test_readouts_first_sample_expected_and_mean():
+    from aesr1.evaluation.stage import readout_scores
+
+    texts = [make_trajectory("a", 0.2), make_trajectory("b", 0.4), "garbage", make_trajectory("c", 0.9)]
+    expected = np.array([0.25, np.nan, 0.1, 0.8])  # the third has an expectation but no parseable score
+    scores = readout_scores(texts, expected, samples_per_image=2)
+    assert scores["sampled"] == pytest.approx([0.2, np.nan], nan_ok=True)
+    assert scores["expected"] == pytest.approx([(0.25 + 0.4) / 2, 0.8])  # written score where no expectation
+    assert scores["mean"] == pytest.approx([0.3, 0.9])
+    assert set(readout_scores(texts[:2], expected[:2], 1)) == {"sampled", "expected"}
+
+
+def test_standard_errors_and_paired_differences():
+    from aesr1.evaluation.stage import EvaluateConfig, comparisons, readout_metrics, summarise
+
+    rng = np.random.default_rng(0)
+    n = 200
+    test = pd.DataFrame({"dataset": np.repeat(["ava", "para"], n // 2), "score": rng.random(n)})
+    base = test.score.to_numpy() + rng.normal(0, 0.4, n)
+    better = base + 0.6 * (test.score.to_numpy() - base)  # the same errors, shrunk: clearly better
+    cfg = EvaluateConfig(test_sets=["ava", "para"], in_domain=["ava"], bootstrap=400)
+    metrics = {}
+    for name, predicted in (("sft", base), ("rapo", better)):
+        per_set = readout_metrics(test, {"sampled": predicted}, cfg)["sampled"]
+        per_set["average"] = summarise(per_set, cfg.test_sets, cfg.in_domain, {},
+                                       {t: per_set[t]["replicates"] for t in cfg.test_sets})
+        metrics[name] = {"readouts": {"sampled": per_set}}
+        for t in cfg.test_sets:  # the analytic standard error of a correlation, roughly
+            r = per_set[t]["plcc"]
+            assert per_set[t]["plcc_se"] == pytest.approx((1 - r * r) / math.sqrt(n // 2), rel=0.35)
+        assert per_set["average"]["plcc_se"] < max(per_set[t]["plcc_se"] for t in cfg.test_sets)
+    entry = comparisons(metrics, [("rapo", "sft"), ("rapo", "missing")])["rapo"]["sft"]
+    diff = metrics["rapo"]["readouts"]["sampled"]["average"]["plcc"] - \
+        metrics["sft"]["readouts"]["sampled"]["average"]["plcc"]
+    assert entry["sampled_plcc_diff"] == pytest.approx(diff) and entry["sampled_plcc_diff_over_2se"]
+    unpaired = math.hypot(metrics["rapo"]["readouts"]["sampled"]["average"]["plcc_se"],
+                          metrics["sft"]["readouts"]["sampled"]["average"]["plcc_se"])
+    assert entry["sampled_plcc_diff_se"] < unpaired  # pairing removes the images' shared difficulty

@@ -27,7 +27,13 @@ PAPER = {
 }
 
 
+# shown only where some setting has them (an older result has no standard errors or expected readout)
+OPTIONAL_COLUMNS = ("starting_entropy", "plcc_se", "srcc_se", "expected_plcc", "expected_srcc")
+
+
 def _value(frame: pd.DataFrame, setting: str, column: str) -> float:
+    if column not in frame:
+        return math.nan
     rows = frame.loc[frame.setting == setting, column]
     return float(rows.iloc[0]) if len(rows) and pd.notna(rows.iloc[0]) else math.nan
 
@@ -40,11 +46,21 @@ def findings(study: str, ours: pd.DataFrame) -> list[tuple[str, bool | None]]:
         *values, test = values_and_test
         return None if any(math.isnan(x) for x in values) else bool(test(*values))
 
+    def se(*pairs):  # the combined standard error of a difference (0 where the results carry none)
+        values = [v(setting, f"{column}_se") for setting, column in pairs]
+        return math.hypot(*(0.0 if math.isnan(x) else x for x in values))
+
     if study == "rewards":
         best_plcc, best_srcc = ours.plcc.max(), ours.srcc.max()
+        margin = {"rank": 2 * se(("rank", "srcc"), ("rank", "plcc")),
+                  "error": 2 * se(("error", "srcc"), ("error", "plcc"))}
         return [
             ("rank-only ranks better than it calibrates (SRCC > PLCC)",
              holds(v("rank", "srcc"), v("rank", "plcc"), lambda s, p: s > p)),
+            ("rank-only: SRCC above PLCC by more than twice their combined standard error",
+             holds(v("rank", "srcc"), v("rank", "plcc"), lambda s, p: s - p > margin["rank"])),
+            ("error-only calibrates at least as well as it ranks (PLCC >= SRCC)",
+             holds(v("error", "plcc"), v("error", "srcc"), lambda p, s: p >= s)),
             ("error-only is better calibrated than rank-only (higher PLCC)",
              holds(v("error", "plcc"), v("rank", "plcc"), lambda e, r: e > r)),
             ("error-only ranks worse than rank-only (lower SRCC)",
@@ -76,11 +92,14 @@ def write_ablation_report(study: str, ours: pd.DataFrame, out_dir: str | Path) -
     table = PAPER[study].merge(ours, on="setting", how="outer")
     order = {s: i for i, s in enumerate(PAPER[study].setting)}
     table = table.sort_values("setting", key=lambda col: col.map(order)).reset_index(drop=True)
-    columns = [c for c in ("setting", "experiment", "starting_entropy", "plcc", "srcc", "unparseable_rate",
-                           "paper_starting_entropy", "paper_plcc", "paper_srcc")
-               if c in table.columns and not (c == "starting_entropy" and table[c].isna().all())]
+    columns = [c for c in ("setting", "experiment", "starting_entropy", "plcc", "plcc_se", "srcc", "srcc_se",
+                           "expected_plcc", "expected_srcc", "unparseable_rate", "paper_starting_entropy",
+                           "paper_plcc", "paper_srcc")
+               if c in table.columns and not (c in OPTIONAL_COLUMNS and table[c].isna().all())]
     frame = table[columns].astype(object).where(table[columns].notna(), None)
-    lines = [f"# Ablation: {study}", "", markdown_table(columns, frame.values.tolist()), "",
+    lines = [f"# Ablation: {study}", "", "PLCC / SRCC: the reference's sampling (one sample at T 0.6), averaged "
+             "over the test sets; *_se: bootstrap standard errors over the test images; expected_*: the "
+             "expected-score readout.", "", markdown_table(columns, frame.values.tolist()), "",
              "## The paper's findings here", ""]
     for text, held in findings(study, table):
         lines.append(f"- {text}: **{ {True: 'holds', False: 'does not hold', None: 'not measured'}[held] }**")
@@ -90,7 +109,10 @@ def write_ablation_report(study: str, ours: pd.DataFrame, out_dir: str | Path) -
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
     x = range(len(table))
     for ax, metric in zip(axes, ("plcc", "srcc")):
-        ax.plot(x, table[metric], "o-", label="ours")
+        if f"{metric}_se" in table and table[f"{metric}_se"].notna().any():
+            ax.errorbar(x, table[metric], yerr=2 * table[f"{metric}_se"], fmt="o-", capsize=3, label="ours (± 2 SE)")
+        else:
+            ax.plot(x, table[metric], "o-", label="ours")
         ax.plot(x, table[f"paper_{metric}"], "s--", label="paper")
         ax.set_xticks(list(x), table.setting, rotation=20)
         ax.set_title(metric.upper())

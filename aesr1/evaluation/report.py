@@ -18,19 +18,55 @@ def markdown_table(columns: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
+def with_se(result: dict, key: str) -> str:
+    """A figure with its bootstrap standard error where there is one: ``0.412 ± 0.031``."""
+    se = result.get(f"{key}_se")
+    return number(result.get(key)) + (f" ± {number(se)}" if se is not None else "")
+
+
+def pair(result: dict) -> str:
+    return f"{with_se(result, 'plcc')} / {with_se(result, 'srcc')}"
+
+
 def main_table(metrics: dict, test_sets: list[str]) -> str:
     """Rows: models; columns: PLCC / SRCC per test set and their average (the paper's layout)."""
-    def pair(result: dict) -> str:
-        return f"{number(result.get('plcc'))} / {number(result.get('srcc'))}"
-
     rows = [[model, *(pair(result.get(t, {})) for t in test_sets), f"**{pair(result['average'])}**"]
             for model, result in metrics.items()]
     return markdown_table(["model", *(f"{t} PLCC / SRCC" for t in test_sets), "average PLCC / SRCC"], rows)
 
 
+READOUT_NAMES = {"sampled": "sampled (one sample, the reference's)", "expected": "expected (digit distribution)",
+                 "mean": "mean of the samples"}
+
+
+def readout_tables(metrics: dict) -> list[str]:
+    """Average PLCC / SRCC per model and readout, and each compared pair's difference with its paired SE."""
+    readouts = list(dict.fromkeys(r for result in metrics.values() for r in result.get("readouts", {})))
+    if not readouts:
+        return []
+    rows = [[model, *(pair(result["readouts"][r]["average"]) if r in result["readouts"] else "-" for r in readouts)]
+            for model, result in metrics.items() if "readouts" in result]
+    parts = ["## Readouts (average PLCC / SRCC over the test sets ± bootstrap standard error)", "",
+             markdown_table(["model", *(READOUT_NAMES.get(r, r) for r in readouts)], rows), ""]
+    diffs = []
+    for model, result in metrics.items():
+        for baseline, entry in result.get("compared_to", {}).items():
+            for r in readouts:
+                if f"{r}_plcc_diff" in entry:
+                    diffs.append([f"{model} - {baseline}", READOUT_NAMES.get(r, r),
+                                  *(f"{number(entry[f'{r}_{k}_diff'])} ± {number(entry.get(f'{r}_{k}_diff_se'))}"
+                                    + (" (> 2 SE)" if entry.get(f"{r}_{k}_diff_over_2se") else "")
+                                    for k in ("plcc", "srcc"))])
+    if diffs:
+        parts += ["## Differences (average over the test sets, paired bootstrap standard error)", "",
+                  markdown_table(["models", "readout", "PLCC difference", "SRCC difference"], diffs), ""]
+    return parts
+
+
 def write_report(path: Path, metrics: dict, ceilings: dict, test_sets: list[str], paper: dict) -> None:
-    parts = ["# Evaluation", "", "## Main table (PLCC / SRCC; unparseable outputs scored 0.5)", "",
-             main_table(metrics, test_sets), ""]
+    parts = ["# Evaluation", "", "## Main table (PLCC / SRCC ± bootstrap standard error; the reference's sampling, "
+             "one sample; unparseable outputs scored 0.5)", "", main_table(metrics, test_sets), ""]
+    parts += readout_tables(metrics)
     if ceilings:
         parts += ["Noise ceiling (MOS vs AesSynth's latent score) PLCC / SRCC: "
                   + ", ".join(f"{t} {number(c['plcc'])} / {number(c['srcc'])}" for t, c in ceilings.items()), ""]

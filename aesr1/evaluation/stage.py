@@ -8,6 +8,13 @@ rate; the noise ceiling where the data carries a latent score (AesSynth). Per mo
 the critique quality the paper leaves unmeasured (the AesCoT filters run on the model's
 own critiques) and the mean token entropy of what it sampled.
 
+Each model is read out three ways: ``sampled``, the first sample's written score (the
+reference's readout, the paper-comparable row); ``expected``, the expected score under
+the policy's own digit distribution after its critiques (no answer-sampling noise, no
+extra cost); and ``mean``, the mean of the ``samples_per_image`` written scores. Every
+PLCC/SRCC carries a bootstrap standard error over the test images, and ``compare`` pairs
+of models get the difference of their average with its paired standard error.
+
 The RAPO model is then registered in the MLflow model registry as a pyfunc model
 (:class:`aesr1.inference.PolicyScorer`) that ``mlflow models serve`` can serve.
 """
@@ -33,7 +40,7 @@ from aesr1.config import config
 from aesr1.evaluation.plots import history_curves, histogram_plot, scatter_plot
 from aesr1.evaluation.report import write_report
 from aesr1.inference import DecodingConfig, PolicyScorer, critique_of, generate, image_scores, signature
-from aesr1.metrics import correlations
+from aesr1.metrics import bootstrap_correlations, correlations, resample_indices
 from aesr1.policy.backbone import resolve_model
 from aesr1.policy.generation import load_policy
 from aesr1.stage import Recorder
@@ -72,18 +79,24 @@ class EvaluateConfig:
     in_domain: list[str] = field(default_factory=lambda: list(IN_DOMAIN))
     max_per_test_set: int | None = None
     unparseable_score: float = 0.5
+    bootstrap: int = 1000  # resamples of the test images for each standard error
+    # (model, baseline) pairs whose average PLCC/SRCC difference is reported with its paired standard error
+    compare: list[tuple[str, str]] = field(default_factory=lambda: [("sft", "backbone"), ("rapo", "sft")])
     decoding: DecodingConfig = field(default_factory=DecodingConfig)
     register: RegisterConfig = field(default_factory=RegisterConfig)
 
 
 # ---------------------------------------------------------------- metrics
 
-def score_metrics(truth: np.ndarray, predicted: np.ndarray, unparseable_score: float) -> dict:
+def score_metrics(truth: np.ndarray, predicted: np.ndarray, unparseable_score: float,
+                  resamples: np.ndarray | None = None) -> dict:
     """PLCC/SRCC with the unparseable rule, and on the parsed outputs alone.
 
     Under the rule a model whose every output is the same number (e.g. a backbone that
     never writes a parseable score, so all get ``unparseable_score``) carries no ranking
     information: its correlations count as 0, not undefined, so models stay comparable.
+    With ``resamples`` (bootstrap indices over the images) the result also holds each
+    correlation's standard error and, under ``replicates``, the per-resample values.
     """
     parsed = np.isfinite(predicted)
     ruled = np.where(parsed, predicted, unparseable_score)
@@ -91,12 +104,16 @@ def score_metrics(truth: np.ndarray, predicted: np.ndarray, unparseable_score: f
     if len(truth) >= 3 and np.ptp(ruled) == 0:
         overall = {"plcc": 0.0, "srcc": 0.0}
     on_parsed = correlations(predicted, truth)  # correlations() keeps the finite pairs
-    return {"n": len(truth), "plcc": overall["plcc"], "srcc": overall["srcc"],
-            "unparseable_rate": float(1 - parsed.mean()) if len(truth) else math.nan,
-            "n_parsed": int(parsed.sum()), "plcc_parsed": on_parsed["plcc"], "srcc_parsed": on_parsed["srcc"],
-            "mean_predicted": float(np.nanmean(predicted)) if parsed.any() else math.nan,
-            "std_predicted": float(np.nanstd(predicted)) if parsed.any() else math.nan,
-            "mean_true": float(np.mean(truth)), "std_true": float(np.std(truth))}
+    result = {"n": len(truth), "plcc": overall["plcc"], "srcc": overall["srcc"],
+              "unparseable_rate": float(1 - parsed.mean()) if len(truth) else math.nan,
+              "n_parsed": int(parsed.sum()), "plcc_parsed": on_parsed["plcc"], "srcc_parsed": on_parsed["srcc"],
+              "mean_predicted": float(np.nanmean(predicted)) if parsed.any() else math.nan,
+              "std_predicted": float(np.nanstd(predicted)) if parsed.any() else math.nan,
+              "mean_true": float(np.mean(truth)), "std_true": float(np.std(truth))}
+    if resamples is not None and len(truth) >= 3:
+        plcc, srcc = bootstrap_correlations(ruled, truth, resamples)
+        result.update(plcc_se=float(plcc.std()), srcc_se=float(srcc.std()), replicates={"plcc": plcc, "srcc": srcc})
+    return result
 
 
 def noise_ceilings(test: pd.DataFrame, latent_path: str | None) -> dict[str, dict]:
@@ -140,8 +157,13 @@ def critique_quality(completions: pd.DataFrame, measures: dict[str, object]) -> 
             "tone_score_srcc": float(tone) if np.isfinite(tone) else math.nan}
 
 
-def summarise(metrics: dict, test_sets: list[str], in_domain: list[str], ceilings: dict) -> dict:
-    """Averages over the five test sets (the paper's figure), in and out of domain, and vs the ceiling."""
+def summarise(metrics: dict, test_sets: list[str], in_domain: list[str], ceilings: dict,
+              replicates: dict | None = None) -> dict:
+    """Averages over the five test sets (the paper's figure), in and out of domain, and vs the ceiling.
+
+    ``replicates`` (test set -> {"plcc": (B,), "srcc": (B,)}) adds the standard error of the
+    five-set average and keeps its per-resample values under ``replicates``.
+    """
     present = [t for t in test_sets if t in metrics and metrics[t]["n"] > 1]
     out_domain = [t for t in present if t not in in_domain]
     inside = [t for t in present if t in in_domain]
@@ -158,24 +180,97 @@ def summarise(metrics: dict, test_sets: list[str], in_domain: list[str], ceiling
         ratios = [metrics[t]["plcc"] / ceilings[t]["plcc"] for t in sets if t in ceilings]
         if ratios:
             average[f"{name}_ceiling_ratio"] = float(np.mean(ratios))
+    if replicates and all(t in replicates for t in present):
+        reps = {key: np.mean([replicates[t][key] for t in present], axis=0) for key in ("plcc", "srcc")}
+        average.update(plcc_se=float(reps["plcc"].std()), srcc_se=float(reps["srcc"].std()), replicates=reps)
     return average
+
+
+def readout_scores(texts: list[str], expected: np.ndarray, samples_per_image: int) -> dict[str, np.ndarray]:
+    """Per image: the first sample's written score (the reference's readout), the expected score
+    over its samples, and (with several samples) the mean of their written scores."""
+    k = samples_per_image
+    scores = {"sampled": image_scores(texts[::k], 1), "expected": image_scores(texts, k, expected)}
+    if k > 1:
+        scores["mean"] = image_scores(texts, k)
+    return scores
+
+
+def readout_metrics(test: pd.DataFrame, scores: dict[str, np.ndarray], cfg: EvaluateConfig) -> dict:
+    """Per readout: per test set metrics (with standard errors) and their average.
+
+    The sampled readout's figures sit at the top level (``plcc``, ``srcc``, ...), the
+    others under their readout's name; ``replicates`` keep the bootstrap values.
+    """
+    results = {}
+    for readout, predicted in scores.items():
+        per_set = {}
+        for t in cfg.test_sets:
+            rows = np.flatnonzero(test.dataset.to_numpy() == t)
+            if len(rows):
+                resamples = resample_indices(len(rows), cfg.bootstrap, t) if cfg.bootstrap else None
+                per_set[t] = score_metrics(test.score.to_numpy()[rows], predicted[rows], cfg.unparseable_score,
+                                           resamples)
+        results[readout] = per_set
+    return results
+
+
+def strip_replicates(tree):
+    """The metrics without their bootstrap values (they stay in memory for the comparisons)."""
+    if isinstance(tree, dict):
+        return {k: strip_replicates(v) for k, v in tree.items() if k != "replicates"}
+    return tree
+
+
+def comparisons(metrics: dict, pairs: list[tuple[str, str]]) -> dict:
+    """model -> baseline -> the difference of their average PLCC/SRCC per readout, with its paired
+    bootstrap standard error (both models resampled on the same images)."""
+    result = {}
+    for model, baseline in pairs:
+        if model not in metrics or baseline not in metrics:
+            continue
+        entry = {}
+        for readout in metrics[model]["readouts"]:
+            a = metrics[model]["readouts"][readout]["average"]
+            b = metrics[baseline]["readouts"].get(readout, metrics[baseline]["readouts"]["sampled"])["average"]
+            for key in ("plcc", "srcc"):
+                diff = a[key] - b[key]
+                entry[f"{readout}_{key}_diff"] = diff
+                if "replicates" in a and "replicates" in b:
+                    se = float((a["replicates"][key] - b["replicates"][key]).std())
+                    entry[f"{readout}_{key}_diff_se"] = se
+                    entry[f"{readout}_{key}_diff_over_2se"] = bool(diff > 2 * se)
+        result.setdefault(model, {})[baseline] = entry
+    return result
 
 
 # ---------------------------------------------------------------- the stage
 
 def evaluate_model(name: str, path: str, test: pd.DataFrame, cfg: EvaluateConfig,
-                   measures: dict[str, object]) -> tuple[dict, pd.DataFrame]:
-    log.info("evaluating %s (%s) on %d images", name, path, len(test))
+                   measures: dict[str, object], ceilings: dict) -> tuple[dict, pd.DataFrame]:
+    log.info("evaluating %s (%s) on %d images x %d samples", name, path, len(test), cfg.decoding.samples_per_image)
     model, processor = load_policy(resolve_model(path))
     sampled = generate(model, processor, list(test.image_path), cfg.decoding)
     k = cfg.decoding.samples_per_image
-    predicted = image_scores(sampled.texts, k)
+    scores = readout_scores(sampled.texts, sampled.expected, k)
     predictions = test[["image_id", "dataset", "image_path", "score"]].assign(
-        model=name, predicted=predicted, completion=sampled.texts[::k])
+        model=name, predicted=scores["sampled"], completion=sampled.texts[::k],
+        **{f"predicted_{readout}": values for readout, values in scores.items() if readout != "sampled"})
     completions = pd.DataFrame({"image_path": np.repeat(test.image_path.to_numpy(), k),
                                 "completion": sampled.texts, "predicted": image_scores(sampled.texts, 1)})
-    result = {t: score_metrics(rows.score.to_numpy(), rows.predicted.to_numpy(), cfg.unparseable_score)
-              for t in cfg.test_sets if len(rows := predictions[predictions.dataset == t])}
+    readouts = readout_metrics(test, scores, cfg)
+    for per_set in readouts.values():
+        for t, ceiling in ceilings.items():
+            if t in per_set:
+                per_set[t]["noise_ceiling_plcc"] = ceiling["plcc"]
+                per_set[t]["noise_ceiling_srcc"] = ceiling["srcc"]
+        per_set["average"] = summarise(per_set, cfg.test_sets, cfg.in_domain, ceilings,
+                                       {t: m["replicates"] for t, m in per_set.items() if "replicates" in m})
+    result = dict(readouts["sampled"])  # the reference's readout: the paper-comparable figures
+    result["readouts"] = {readout: {"average": per_set["average"]} | {t: {key: per_set[t][key] for key in
+                                    ("plcc", "srcc", "plcc_se", "srcc_se") if key in per_set[t]}
+                                    for t in cfg.test_sets if t in per_set}
+                          for readout, per_set in readouts.items()}
     result["critique"] = critique_quality(completions, measures)
     result["entropy"] = sampled.entropy
     return result, predictions
@@ -204,17 +299,16 @@ def evaluate(cfg: EvaluateConfig, recorder: Recorder) -> dict:
     metrics: dict = {}
     frames = []
     for name, path in chosen.items():
-        result, predictions = evaluate_model(name, path, test, cfg, measures)
-        for t, ceiling in ceilings.items():
-            if t in result:
-                result[t]["noise_ceiling_plcc"] = ceiling["plcc"]
-                result[t]["noise_ceiling_srcc"] = ceiling["srcc"]
-        result["average"] = summarise(result, cfg.test_sets, cfg.in_domain, ceilings)
+        result, predictions = evaluate_model(name, path, test, cfg, measures, ceilings)
         metrics[name] = result
         frames.append(predictions)
         log.info("%s: average PLCC %.3f SRCC %.3f", name, result["average"]["plcc"], result["average"]["srcc"])
     predictions = pd.concat(frames, ignore_index=True)
     predictions.to_parquet(out / "predictions.parquet", index=False)
+    compared = comparisons(metrics, cfg.compare)
+    metrics = strip_replicates(metrics)
+    for name, against in compared.items():
+        metrics[name]["compared_to"] = against
 
     for name in chosen:
         rows = predictions[predictions.model == name]

@@ -31,7 +31,7 @@ from aesr1.policy.generation import load_policy
 from aesr1.policy.sft import HeldoutConfig, heldout_images, probe
 from aesr1.policy.train import LORA_TARGETS, freeze_vision, restore_weights, run_fingerprint, save_policy
 from aesr1.rl.reward_funcs import completion_text, make_reward_funcs, rewards_for_mode
-from aesr1.trajectory import parse_score
+from aesr1.trajectory import band_of, parse_score
 
 if TYPE_CHECKING:  # the trainer runs without MLflow too (benchmarks/rl.py on a bare GPU machine)
     from aesr1.stage import Recorder
@@ -95,6 +95,7 @@ class RLStageConfig:
     checkpoint_root: str = "data/checkpoints"
     test_manifest: str = "data/ingest/test.parquet"
     train_images: int | None = None  # a subset of the training images (None: all)
+    balance_bands: bool = False  # as many bad, fair and good images (by their score) as the rarest band has
     log_model: bool = True
     heldout: HeldoutConfig = field(default_factory=HeldoutConfig)  # the same probe as after SFT
     rewards: RewardConfig = field(default_factory=RewardConfig)
@@ -158,14 +159,29 @@ def grpo_config(cfg: RLStageConfig, checkpoints: Path, reward_weights: list[floa
     )
 
 
+def rl_images(cfg: RLStageConfig) -> pd.DataFrame:
+    """The training images RL prompts with: all, a seeded subset, and/or band-balanced.
+
+    Balancing matters on a training mix dominated by one band: there the cheapest gain for
+    the policy is to drop the rarer bands' tones, which are the outputs that followed the image.
+    """
+    train = pd.read_parquet(cfg.train_manifest)
+    if cfg.balance_bands:
+        bands = train.score.map(band_of)
+        per_band = int(bands.value_counts().min())
+        train = pd.concat([rows.sample(per_band, random_state=cfg.grpo.seed) for _, rows in train.groupby(bands)])
+        train = train.sample(frac=1.0, random_state=cfg.grpo.seed)
+    if cfg.train_images is not None:
+        train = train.sample(min(cfg.train_images, len(train)), random_state=cfg.grpo.seed)
+    return train.reset_index(drop=True)
+
+
 def build_trainer(cfg: RLStageConfig, report_to: list[str], callbacks: list) -> tuple:
     """(trainer, processor, training frame, reward names, reward weights, checkpoint folder) as the stage uses them."""
     from peft import LoraConfig
     from trl import GRPOTrainer
 
-    train = pd.read_parquet(cfg.train_manifest)
-    if cfg.train_images is not None:
-        train = train.sample(min(cfg.train_images, len(train)), random_state=cfg.grpo.seed)
+    train = rl_images(cfg)
     model, processor = load_policy(resolve_model(cfg.model))
     if cfg.grpo.freeze_vision:
         freeze_vision(model)

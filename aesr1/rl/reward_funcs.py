@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 
 from aesr1.rl.rewards import binary_reward, rapo_rewards
-from aesr1.trajectory import parse_score
+from aesr1.trajectory import BANDS, band_of, parse_score
 
 # the reference's format check: the whole output is a think block then an answer block
 FORMAT = re.compile(r"^<think>.*?</think>\s*<answer>.*?</answer>$", re.DOTALL)
@@ -73,14 +73,31 @@ def parsed_scores(completions) -> list[float]:
     return [parse_score(completion_text(c).strip()) for c in completions]
 
 
+def score_health(image_ids: list, preds: list[float]) -> dict[str, float]:
+    """How the sampled scores spread: the unparseable rate, each band's share of the parsed
+    scores, and the spread of scores between images (of their group means) and within them.
+
+    A collapse toward the middle shows here while it happens: the fair share rises and the
+    spread between images shrinks.
+    """
+    parsed = [p for p in preds if math.isfinite(p)]
+    health = {"unparseable_rate": 1.0 - len(parsed) / len(preds) if preds else math.nan}
+    for band, _, _ in BANDS:
+        health[f"band_share/{band}"] = (sum(band_of(p) == band for p in parsed) / len(parsed)) if parsed else math.nan
+    matrix, _ = group(image_ids, preds)
+    means = np.array([np.nanmean(row) for row in matrix if np.isfinite(row).any()])
+    spreads = [np.nanstd(row) for row in matrix if np.isfinite(row).sum() > 1]
+    health["score_std_between_images"] = float(np.std(means)) if len(means) > 1 else math.nan
+    health["score_std_within_images"] = float(np.mean(spreads)) if spreads else math.nan
+    return health
+
+
 def make_reward_funcs(names: list[str], *, sigma: float = 0.1, eps: float = 1e-5, gamma: float = 1e-6,
                       ties: str = "ge", binary_threshold: float = 0.0875) -> list[Callable]:
     """The reward functions named in ``names`` (rank, absolute, binary, format), configured."""
 
-    def rank_reward(prompts, completions, image_id, score, log_metric=None, **_):
+    def rank_reward(prompts, completions, image_id, score, **_):
         preds = parsed_scores(completions)
-        if log_metric is not None:
-            log_metric("unparseable_rate", float(np.mean([math.isnan(p) for p in preds])))
         rows, offset = _gather(list(zip(image_id, preds, score)))
         ids, all_preds, all_scores = zip(*rows)
         matrix, slots = group(list(ids), list(all_preds))
@@ -100,7 +117,12 @@ def make_reward_funcs(names: list[str], *, sigma: float = 0.1, eps: float = 1e-5
         return [float(binary_reward(np.array([[p]]), np.array([s]), threshold=binary_threshold)[0, 0])
                 for p, s in zip(preds, score)]
 
-    def format_reward(prompts, completions, **_):
+    def format_reward(prompts, completions, image_id=None, log_metric=None, **_):
+        """The reference's format check; every mode has it, so it also logs the scores' health once a batch."""
+        if log_metric is not None and image_id is not None:
+            for name, value in score_health(list(image_id), parsed_scores(completions)).items():
+                if math.isfinite(value):
+                    log_metric(name, value)
         return [1.0 if FORMAT.match(completion_text(c).strip()) else 0.0 for c in completions]
 
     binary_reward_fn.__name__ = "binary_reward"
