@@ -15,8 +15,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from aesr1.errors import AesError
 
-class DataCheckError(RuntimeError):
+
+class DataCheckError(AesError):
     """One or more expectations failed."""
 
 

@@ -8,11 +8,12 @@ import os
 import sys
 from pathlib import Path
 
+from aesr1.errors import AesError
 
 RESTORE_ONLY = "AESR1_RESTORE_ONLY"  # a stage named here must come from DVC's run cache, never run locally
 
 
-class RestoreOnlyError(RuntimeError):
+class RestoreOnlyError(AesError):
     """DVC was about to run a stage that should have been restored from another machine's run."""
 
 
@@ -83,15 +84,18 @@ def _score(args: argparse.Namespace) -> int:
 
     model = args.model or next((m for m in PIPELINE_MODELS if (Path(m) / "config.json").is_file()), None)
     if model is None:
-        raise ValueError(f"no pipeline model in {' or '.join(PIPELINE_MODELS)}; run dvc repro or pass --model")
+        raise AesError(f"no pipeline model in {' or '.join(PIPELINE_MODELS)}; run dvc repro or pass --model")
     decoding = load_section(args.params, "evaluate", EvaluateConfig).decoding if Path(args.params).is_file() \
         else DecodingConfig()
     decoding = dataclasses.replace(decoding, greedy=args.greedy or decoding.greedy,
                                    samples_per_image=args.samples or decoding.samples_per_image,
                                    readout=args.readout or decoding.readout)
-    files = image_files(args.images)
+    try:
+        files = image_files(args.images)
+    except FileNotFoundError as err:
+        raise AesError(str(err)) from None
     if not files:
-        raise ValueError(f"no images in {args.images}")
+        raise AesError(f"no images in {args.images}")
     unreadable = {}
     for path in files:
         try:
@@ -150,18 +154,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("aesr1").setLevel(logging.INFO)
-    from aesr1.config import ParamsError
-    from aesr1.checks import DataCheckError
-    from aesr1.data.adapters import AnnotationError
-    from aesr1.data.ingest import IngestError
-    from aesr1.aescot.distill import DistillError
-
     try:
         status = args.handler(args)
-    except (ParamsError, DataCheckError, AnnotationError, IngestError, DistillError, ValueError,
-            FileNotFoundError, RestoreOnlyError) as err:
+    except AesError as err:  # expected: the message says what to fix; anything else is a bug and keeps its traceback
         print(f"aesr1 {args.command}: error: {err}", file=sys.stderr)
-        return 1
+        return 2
     return status or 0
 
 

@@ -9,13 +9,15 @@ import yaml
 from pydantic import ConfigDict, TypeAdapter, ValidationError
 from pydantic.dataclasses import dataclass as _pydantic_dataclass
 
+from aesr1.errors import AesError
+
 T = TypeVar("T")
 
 # Unknown keys are an error: a typo in params.yaml must not be silently ignored.
 config = _pydantic_dataclass(config=ConfigDict(extra="forbid"))
 
 
-class ParamsError(ValueError):
+class ParamsError(AesError):
     """params.yaml is missing, unreadable, or a section does not match its config."""
 
 

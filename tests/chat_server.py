@@ -14,12 +14,15 @@ CRITIQUE = ("Lighting: The light is soft. Emotion & narrative: The scene is calm
 
 
 class ChatServer:
-    """``fault(n, body)`` picks what request n (0-based) gets: ok, 429, 500, timeout, malformed, empty, 400."""
+    """``fault(n, body)`` picks what request n (0-based) gets: ok, 429, 500, timeout, malformed, empty, 400,
+    ``429:<seconds>`` (with ``Retry-After``), and answers with usage: blank (whitespace content), refusal
+    (``content: null``), length (``finish_reason: length``)."""
 
     def __init__(self, fault: Callable[[int, dict], str] = lambda n, body: "ok", latency_s: float = 0.0,
                  hang_s: float = 5.0):
         self.fault, self.latency_s, self.hang_s = fault, latency_s, hang_s
         self.requests: list[dict] = []
+        self.times: list[float] = []  # time.monotonic() at each request's arrival
         self.auth_headers: list[str] = []
         self.lock = threading.Lock()
         server = self
@@ -33,27 +36,40 @@ class ChatServer:
                 with server.lock:
                     n = len(server.requests)
                     server.requests.append(body)
+                    server.times.append(time.monotonic())
                     server.auth_headers.append(self.headers.get("Authorization", ""))
                 action = server.fault(n, body)
                 time.sleep(server.latency_s)
                 if action == "timeout":
                     time.sleep(server.hang_s)
                     return self._send(200, b"{}")
-                if action in ("429", "500", "400"):
-                    return self._send(int(action), b'{"error": {"message": "injected"}}')
+                status, _, wait = action.partition(":")
+                if status in ("429", "500", "400"):
+                    return self._send(int(status), b'{"error": {"message": "injected"}}',
+                                      {"Retry-After": wait} if wait else {})
                 if action == "malformed":
                     return self._send(200, b'{"choices": [ {"message": ')
                 if action == "empty":
                     return self._send(200, json.dumps({"choices": []}).encode())
                 text = body["messages"][1]["content"][0]["text"]
                 tone = "strong" if "strong" in text else "weak" if "weak" in text else "middling"
-                payload = {"choices": [{"message": {"role": "assistant", "content": CRITIQUE.format(tone=tone)}}],
+                message = {"role": "assistant", "content": CRITIQUE.format(tone=tone)}
+                finish = "stop"
+                if action == "blank":
+                    message["content"] = "  "
+                elif action == "refusal":
+                    message = {"role": "assistant", "content": None, "refusal": "I can't help with that."}
+                elif action == "length":
+                    message["content"], finish = message["content"][:30], "length"
+                payload = {"choices": [{"message": message, "finish_reason": finish}],
                            "usage": {"prompt_tokens": 100, "completion_tokens": 40}}
                 self._send(200, json.dumps(payload).encode())
 
-            def _send(self, status, data):
+            def _send(self, status, data, headers=None):
                 try:
                     self.send_response(status)
+                    for name, value in (headers or {}).items():
+                        self.send_header(name, value)
                     self.send_header("Content-Type", "application/json")
                     self.send_header("Content-Length", str(len(data)))
                     self.end_headers()

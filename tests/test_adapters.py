@@ -118,3 +118,34 @@ def test_split_from_test_id_list(tmp_path):
     (tmp_path / "test_ids.txt").write_text("2\n")
     frame, _ = collect(tmp_path, "ava", {"votes": "AVA.txt"}, "img", (1, 10), test_ids="test_ids.txt")
     assert dict(zip(frame.native_id, frame.split)) == {"1": "train", "2": "test", "3": "train"}
+
+
+def test_para_rating_counts_give_n_ratings(tmp_path):
+    write_jpeg(tmp_path / "P/imgs/s1/x.jpg")
+    write_jpeg(tmp_path / "P/imgs/s1/y.jpg")
+    levels = [f"aestheticScore_{v / 2:.1f}" for v in range(2, 11)]
+    (tmp_path / "P/test.csv").write_text(
+        f"imageName,sessionId,{','.join(levels)},aestheticScore_mean\n"
+        "x.jpg,s1,0,0,1,2,3.0,0,0,0,0,2.9\n"     # pandas writes counts as 3.0
+        "y.jpg,s1,0,0,1,x,3,0,0,0,0,2.9\n")      # a count that is not a number
+    frame, rejected = collect(tmp_path, "para", {"test": "P/test.csv"}, "P/imgs", (1, 5), role="test")
+    assert reasons(rejected) == [("malformed_line", 3)]
+    assert frame.n_ratings.tolist() == [6]
+
+
+def test_byte_order_marks_are_ignored(tmp_path):
+    """Excel and pandas (encoding='utf-8-sig') start text files with a BOM; it must not stick to a name."""
+    write_jpeg(tmp_path / "P/imgs/s1/x.jpg")
+    (tmp_path / "P/test.csv").write_text("sessionId,imageName,aestheticScore_mean\ns1,x.jpg,4.5\n",
+                                         encoding="utf-8-sig")
+    frame, rejected = collect(tmp_path, "para", {"test": "P/test.csv"}, "P/imgs", (1, 5), role="test")
+    assert frame.native_id.tolist() == ["s1/x.jpg"] and not rejected
+
+    for i in (1, 2):
+        write_jpeg(tmp_path / "img" / f"{i}.jpg")
+    (tmp_path / "s.txt").write_text("1.jpg 0.5\n2.jpg 0.25\n", encoding="utf-8-sig")
+    (tmp_path / "test_ids.txt").write_text("1.jpg\n", encoding="utf-8-sig")
+    frame, rejected = collect(tmp_path, "aadb", {"test": "s.txt"}, "img", (0, 1), role="test")
+    assert frame.native_id.tolist() == ["1.jpg", "2.jpg"] and not rejected
+    frame, _ = collect(tmp_path, "flickr_aes", {"scores": "s.txt"}, "img", (0, 1), test_ids="test_ids.txt")
+    assert dict(zip(frame.native_id, frame.split)) == {"1.jpg": "test", "2.jpg": "train"}

@@ -2,8 +2,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
+from aesr1 import cli
 from aesr1.cli import STAGES, main
 from aesr1.tracking import pipeline_id, project_root
 from conftest import REPO
@@ -19,11 +21,33 @@ def test_every_dvc_stage_has_a_subcommand_with_help():
 
 def test_bad_params_give_a_clear_error(tmp_path, capsys):
     (tmp_path / "params.yaml").write_text("ingest:\n  train_sise: 10\n")
-    assert main(["ingest", "--params", str(tmp_path / "params.yaml")]) == 1
+    assert main(["ingest", "--params", str(tmp_path / "params.yaml")]) == 2
     err = capsys.readouterr().err
     assert "section 'ingest' is invalid" in err and "train_sise" in err
-    assert main(["ingest", "--params", str(tmp_path / "missing.yaml")]) == 1
+    assert main(["ingest", "--params", str(tmp_path / "missing.yaml")]) == 2
     assert "params file not found" in capsys.readouterr().err
+
+
+def test_a_user_error_is_one_line_and_exit_status_2(tmp_path):
+    done = subprocess.run([Path(sys.executable).parent / "aesr1", "score", str(tmp_path / "nowhere.jpg"),
+                           "--model", str(tmp_path)], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr == f"aesr1 score: error: no such image or folder: {tmp_path / 'nowhere.jpg'}\n"
+
+
+def test_a_missing_review_file_is_a_user_error(tmp_path, capsys):
+    assert main(["review", "apply", str(tmp_path / "missing.csv"), "--params", str(REPO / "params.yaml")]) == 2
+    assert capsys.readouterr().err.startswith(f"aesr1 review: error: review file not found: {tmp_path}")
+
+
+def test_an_unexpected_error_keeps_its_traceback(monkeypatch):
+    """A bug is not a user error, even a ValueError: it propagates, and Python prints its traceback."""
+    def bug(args):
+        raise ValueError("a bug deep in a stage")
+
+    monkeypatch.setattr(cli, "_run_stage", bug)
+    with pytest.raises(ValueError, match="a bug deep in a stage"):
+        main(["ingest"])
 
 
 def test_queued_experiments_track_into_the_real_repository(tmp_path):

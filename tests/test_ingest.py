@@ -12,7 +12,7 @@ import yaml
 
 from aesr1.checks import DataCheckError, validate
 from aesr1.data.ingest import IngestConfig, IngestError, ingest, mix_quotas
-from aesr1.data.synth import LATENT_FILE, SplitSize, SynthConfig, generate
+from aesr1.data.synth import LATENT_FILE, POPULATIONS, SplitSize, SynthConfig, generate
 from aesr1.stage import Recorder, run_stage
 from conftest import REPO
 
@@ -187,3 +187,37 @@ def test_stage_writes_metrics_and_a_grouped_mlflow_run(tmp_path, raw, monkeypatc
     assert stage["metrics.train_size"] == 100 and stage["status"] == "FINISHED"
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(stage["run_id"])}
     assert {"ingest.json", "train.parquet", "rejected.parquet", "checks"} <= artifacts
+
+
+def test_a_bom_in_a_header_ingests_and_para_counts_its_raters(tmp_path, raw):
+    para = tmp_path / "PARA-GiaaTest.csv"
+    para.write_text((raw / "PARA/annotation/PARA-GiaaTest.csv").read_text(), encoding="utf-8-sig")
+    cfg = default_ingest(tmp_path, train_size=100, min_test_per_dataset=5, max_reject_rate=0.5)
+    cfg.sources["para"] = dataclasses.replace(cfg.sources["para"], files={"test": str(para)})
+    metrics = ingest(cfg, Recorder())
+    assert metrics["sources"]["para"]["accepted"] == 20
+    test = pd.read_parquet(tmp_path / "ingest/test.parquet")
+    assert test[test.dataset == "para"].n_ratings.tolist() == [POPULATIONS["para"].raters_per_image] * 20
+
+
+def test_an_unreadable_source_is_named_and_the_others_are_still_read(tmp_path, raw):
+    broken = tmp_path / "PARA-GiaaTest.csv"
+    broken.write_text("session,imageName,aestheticScore_mean\ns1,x.jpg,3\n")
+    cfg = default_ingest(tmp_path, train_size=100, min_test_per_dataset=5, max_reject_rate=0.5)
+    cfg.sources["para"] = dataclasses.replace(cfg.sources["para"], files={"test": str(broken)})
+    cfg.sources["aadb"] = dataclasses.replace(cfg.sources["aadb"], files={"test": "AADB/nowhere.txt"})
+    with pytest.raises(IngestError) as err:
+        ingest(cfg, Recorder())
+    message = str(err.value)
+    assert "para: unreadable, the whole source is rejected: para: " in message
+    assert "lacks columns ['sessionId']" in message
+    assert "aadb: unreadable" in message and "annotation file not found" in message
+    assert "ava:" not in message and "tad66k:" not in message
+    rejected = pd.read_parquet(tmp_path / "ingest/rejected.parquet")
+    unreadable = rejected[rejected.reason == "source_unreadable"]
+    assert unreadable.dataset.tolist() == ["para", "aadb"] and unreadable.source_file.iloc[0] == str(broken)
+    assert {"ava", "tad66k", "flickr_aes"} <= set(rejected.dataset)  # every other source was read and checked
+
+    del cfg.sources["para"], cfg.sources["aadb"]  # left out explicitly, the rest ingests
+    metrics = ingest(cfg, Recorder())
+    assert set(metrics["test_by_dataset"]) == {"ava", "tad66k", "flickr_aes"}

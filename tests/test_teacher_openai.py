@@ -1,17 +1,24 @@
 """The OpenAI-compatible teacher against a real HTTP server on loopback that injects faults."""
 
+import base64
+import email.utils
+import io
 import signal
 import subprocess
 import sys
 import time
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from PIL import Image
 
 from aesr1.aescot.distill import DistillConfig, DistillError, distill
-from aesr1.aescot.teachers import OpenAITeacher, TeacherConfig
+from aesr1.aescot.teachers import OpenAITeacher, TeacherConfig, downscale, retry_after
+from aesr1.errors import AesError
 from aesr1.stage import Recorder, run_stage
 from chat_server import ChatServer
 from conftest import cli_env, write_jpeg
@@ -133,5 +140,97 @@ def test_api_key_never_reaches_logs_params_or_artifacts(tmp_path, manifest, monk
 
 def test_missing_key_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.delenv("AESR1_TEST_KEY")
-    with pytest.raises(RuntimeError, match="environment variable AESR1_TEST_KEY"):
+    with pytest.raises(AesError, match="environment variable AESR1_TEST_KEY"):
         OpenAITeacher(teacher_cfg(tmp_path, "http://127.0.0.1:9"))
+
+
+def ask(tmp_path, server, items, **overrides) -> tuple[list, dict]:
+    teacher = OpenAITeacher(teacher_cfg(tmp_path, server.url, **overrides))
+    return teacher.critique_many(items), teacher.usage()
+
+
+def images(manifest, n) -> list[tuple[str, str, str]]:
+    return [(f"k{i}", path, "fair") for i, path in enumerate(pd.read_parquet(manifest).image_path[:n])]
+
+
+def test_retry_after_is_honoured(tmp_path, manifest):
+    with ChatServer(fault=lambda n, body: "429:0.6" if n == 0 else "ok") as server:
+        (result,), usage = ask(tmp_path, server, images(manifest, 1))  # backoff alone would wait <= 0.05 s
+    assert result.text and result.attempts == 2 and usage["errors_by_kind"] == {"HTTP 429": 1}
+    assert server.times[1] - server.times[0] >= 0.55
+
+    assert retry_after({"retry-after-ms": "1500", "retry-after": "9"}) == 1.5
+    assert retry_after({"retry-after": "2"}) == 2.0
+    in_30_s = email.utils.format_datetime(datetime.now(timezone.utc) + timedelta(seconds=30), usegmt=True)
+    assert 25 < retry_after({"retry-after": in_30_s}) <= 30
+    assert retry_after({"retry-after": "soon"}) is None and retry_after({}) is None
+
+
+def test_requests_per_minute_paces_retries_too(tmp_path, manifest):
+    seen: set[str] = set()
+
+    def first_attempt_fails(n, body):
+        image = body["messages"][1]["content"][1]["image_url"]["url"]
+        fault = "ok" if image in seen else "500"
+        seen.add(image)
+        return fault
+
+    with ChatServer(fault=first_attempt_fails) as server:
+        results, usage = ask(tmp_path, server, images(manifest, 4), requests_per_minute=600)  # one per 0.1 s
+    assert all(r.text for r in results) and usage["requests"] == len(server.times) == 8
+    gaps = [b - a for a, b in zip(server.times, server.times[1:])]
+    assert min(gaps) > 0.07 and server.times[-1] - server.times[0] > 0.65  # 4 workers, yet evenly spaced
+
+
+def test_tokens_per_minute_paces_by_usage(tmp_path, manifest):
+    # each answer uses 100 + 40 tokens; 84,000 a minute is 1,400 a second: 0.1 s per request
+    with ChatServer() as server:
+        results, usage = ask(tmp_path, server, images(manifest, 8), tokens_per_minute=84_000, max_tokens=40)
+    assert all(r.text for r in results) and usage["prompt_tokens"] + usage["completion_tokens"] == 8 * 140
+    assert server.times[-1] - server.times[0] > 0.55  # unpaced, 8 requests take a few ms
+
+    with ChatServer() as server:
+        ask(tmp_path / "unpaced", server, images(manifest, 8), max_tokens=40)
+    assert server.times[-1] - server.times[0] < 0.3
+
+
+def test_refusal_and_truncation_fail_with_their_reason_and_are_paid(tmp_path, manifest):
+    faults = ["refusal", "length", "blank", "ok"]  # one worker: requests come in item order
+    with ChatServer(fault=lambda n, body: faults[n]) as server:
+        results, usage = ask(tmp_path, server, images(manifest, 3), concurrency=1)
+    refused, truncated, answered = results
+    assert refused.error == "refused: I can't help with that." and refused.attempts == 1
+    assert truncated.error.startswith("truncated:") and truncated.attempts == 1
+    assert answered.text and answered.attempts == 2
+    assert len(server.requests) == 4  # neither the refusal nor the truncation was retried
+    assert usage["errors_by_kind"] == {"refused": 1, "truncated": 1, "malformed response": 1}
+    # every answer that came back was paid for, the failed ones too
+    assert (usage["prompt_tokens"], usage["completion_tokens"]) == (4 * 100, 4 * 40)
+    assert (answered.prompt_tokens, answered.completion_tokens) == (200, 80)
+
+
+def test_large_images_are_downscaled_before_upload(tmp_path, manifest):
+    big = tmp_path / "big.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (1200, 1800, 3), dtype=np.uint8)).save(big)
+    small = pd.read_parquet(manifest).image_path[0]
+
+    def uploaded(server, n):
+        url = server.requests[n]["messages"][1]["content"][1]["image_url"]["url"]
+        return base64.b64decode(url.split(",", 1)[1])
+
+    with ChatServer() as server:
+        ask(tmp_path, server, [("big", str(big), "fair"), ("small", small, "fair")], max_image_side=600,
+            concurrency=1)
+        assert Image.open(io.BytesIO(uploaded(server, 0))).size == (600, 400)
+        assert uploaded(server, 1) == Path(small).read_bytes()  # small enough: sent as it is
+    with ChatServer() as server:
+        ask(tmp_path / "asis", server, [("big", str(big), "fair")], max_image_side=None)
+        assert uploaded(server, 0) == big.read_bytes()
+
+
+def test_downscale_applies_the_exif_rotation():
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    buf = io.BytesIO()
+    Image.new("RGB", (300, 200)).save(buf, "JPEG", exif=exif)
+    assert Image.open(io.BytesIO(downscale(buf.getvalue(), 150))).size == (100, 150)

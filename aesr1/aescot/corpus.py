@@ -22,6 +22,7 @@ from aesr1.aescot.filters import LEAK_REGEX, FilterConfig, check
 from aesr1.aescot.measure import measure_file
 from aesr1.checks import validate
 from aesr1.config import config
+from aesr1.errors import AesError
 from aesr1.stage import Recorder
 from aesr1.trajectory import band_of
 
@@ -55,10 +56,10 @@ def read_decisions(path: str | Path) -> pd.DataFrame:
     frame = pd.read_csv(path, dtype=str, keep_default_na=False)
     missing = set(DECISION_COLUMNS) - set(frame.columns)
     if missing:
-        raise ValueError(f"{path}: review decisions lack columns {sorted(missing)}")
+        raise AesError(f"{path}: review decisions lack columns {sorted(missing)}")
     bad = frame[~frame.decision.isin(["keep", "reject"])]
     if len(bad):
-        raise ValueError(f"{path}: decision must be 'keep' or 'reject'; rows {bad.index.tolist()} have "
+        raise AesError(f"{path}: decision must be 'keep' or 'reject'; rows {bad.index.tolist()} have "
                          f"{bad.decision.tolist()}")
     return frame.drop_duplicates(["image_id", "critique_sha"], keep="last")
 

@@ -20,6 +20,7 @@ import pandas as pd
 from aesr1.aescot import claims, teachers
 from aesr1.aescot.teachers import TeacherConfig, make_teacher, prompt_id
 from aesr1.config import config
+from aesr1.errors import AesError
 from aesr1.stage import Recorder
 from aesr1.trajectory import band_of, make_trajectory
 
@@ -37,7 +38,7 @@ class DistillConfig:
     max_failure_rate: float = 0.05
 
 
-class DistillError(RuntimeError):
+class DistillError(AesError):
     """Too many samples could not be critiqued."""
 
 

@@ -17,6 +17,7 @@ import pandas as pd
 from PIL import Image
 
 from aesr1.aescot.corpus import DECISION_COLUMNS, FilterStageConfig, critique_sha, read_decisions
+from aesr1.errors import AesError
 
 REVIEW_COLUMNS = ["image_id", "critique_sha", "status", "kind", "evidence", "band", "score", "critique",
                   "image_path", "decision", "note"]
@@ -63,17 +64,19 @@ def export(cfg: FilterStageConfig, out_csv: str | Path, passed_sample: int = 50,
 
 def apply(cfg: FilterStageConfig, review_csv: str | Path) -> dict:
     """Merge the decided rows of a review file into ``cfg.review_decisions``; return counts."""
+    if not Path(review_csv).is_file():
+        raise AesError(f"review file not found: {review_csv} (write one with: aesr1 review export)")
     review = pd.read_csv(review_csv, dtype=str, keep_default_na=False)
     missing = {"image_id", "critique_sha", "decision"} - set(review.columns)
     if missing:
-        raise ValueError(f"{review_csv}: not a review file, it lacks columns {sorted(missing)}")
+        raise AesError(f"{review_csv}: not a review file, it lacks columns {sorted(missing)}")
     review["decision"] = review.decision.str.strip().str.lower()
     decided = review[review.decision != ""]
     if "note" not in decided:
         decided = decided.assign(note="")
     invalid = decided[~decided.decision.isin(["keep", "reject"])]
     if len(invalid):
-        raise ValueError(f"{review_csv}: decision must be keep or reject, got {sorted(set(invalid.decision))}")
+        raise AesError(f"{review_csv}: decision must be keep or reject, got {sorted(set(invalid.decision))}")
     merged = pd.concat([read_decisions(cfg.review_decisions), decided[DECISION_COLUMNS]], ignore_index=True)
     merged = merged.drop_duplicates(["image_id", "critique_sha"], keep="last")
     Path(cfg.review_decisions).parent.mkdir(parents=True, exist_ok=True)

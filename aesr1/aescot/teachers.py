@@ -3,8 +3,11 @@
 - :class:`AnalyticTeacher` (offline default) measures the image and writes a
   five-dimension critique from claims that hold for its pixels, in the band's tone.
 - :class:`OpenAITeacher` asks any OpenAI-compatible chat-completions endpoint, with the
-  image inline, bounded retries with exponential backoff and jitter, a content-keyed
-  on-disk cache and token/cost accounting. The API key comes from an environment
+  image inline (downscaled to ``max_image_side``), bounded retries with exponential
+  backoff and jitter (or the server's ``Retry-After``), optional requests- and
+  tokens-per-minute pacing, a content-keyed on-disk cache and token/cost accounting
+  (failed attempts included). A refusal or a truncated answer fails the sample with
+  its reason instead of being retried. The API key comes from an environment
   variable and is never logged or stored.
 """
 
@@ -12,19 +15,26 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import email.utils
 import hashlib
+import io
 import json
 import logging
 import os
 import random
+import time
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path
+
+from PIL import Image, ImageOps
 
 from aesr1.aescot.claims import CLAIMS, DIMENSIONS, Claim
 from aesr1.aescot.filters import FilterConfig, polarity
 from aesr1.aescot.measure import ImageStats, measure_file
 from aesr1.config import config
+from aesr1.errors import AesError
 
 log = logging.getLogger("aesr1.distill")
 
@@ -64,6 +74,9 @@ class TeacherConfig:
     price_input_per_mtok: float | None = None  # USD per million prompt tokens, for the cost metric
     price_output_per_mtok: float | None = None
     cache_dir: str = "data/teacher_cache"
+    requests_per_minute: float | None = None  # the endpoint's rate tier, retries included; None: unlimited
+    tokens_per_minute: float | None = None  # prompt + completion tokens; None: unlimited
+    max_image_side: int | None = 1024  # longer images are downscaled before upload; None: send the file as is
 
 
 @dataclass
@@ -190,7 +203,17 @@ class AnalyticTeacher:
 # ---------------------------------------------------------------- OpenAI-compatible teacher
 
 class _Retryable(Exception):
-    pass
+    def __init__(self, message: str, wait_s: float | None = None):
+        super().__init__(message)
+        self.wait_s = wait_s  # the server's Retry-After, if it sent one
+
+
+class _Failed(Exception):
+    """An answer that a retry would not fix (a refusal, a truncation): the sample fails with this reason."""
+
+    def __init__(self, kind: str, reason: str):
+        super().__init__(reason)
+        self.kind = kind
 
 
 @dataclass
@@ -203,8 +226,72 @@ class _Usage:
     errors_by_kind: dict[str, int] = field(default_factory=dict)
 
 
+class _Pace:
+    """Starts at most ``per_minute`` units a minute, evenly spaced; ``None`` is unlimited.
+
+    No burst, so an endpoint that enforces its limit per second is not tripped either.
+    Reservations are taken before a request and corrected with what it used; the event
+    loop is single-threaded, so no lock is needed.
+    """
+
+    def __init__(self, per_minute: float | None):
+        self.seconds_per_unit = 60 / per_minute if per_minute else 0.0
+        self.next_at = 0.0
+
+    def reserve(self, units: float) -> float:
+        """Reserve ``units``; return the seconds to wait before using them."""
+        now = time.monotonic()
+        start = max(now, self.next_at)
+        self.next_at = start + units * self.seconds_per_unit
+        return start - now
+
+    def refund(self, units: float) -> None:
+        """Return unused units (negative: charge units used beyond the reservation)."""
+        self.next_at -= units * self.seconds_per_unit
+
+
+def retry_after(headers) -> float | None:
+    """Seconds the server asks to wait: ``retry-after-ms``, or ``retry-after`` in seconds or as an HTTP date."""
+    try:
+        return max(0.0, float(headers["retry-after-ms"]) / 1000)
+    except (KeyError, ValueError):
+        pass
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:  # HTTP dates are GMT
+        when = when.replace(tzinfo=timezone.utc)
+    return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
+
+
+def downscale(data: bytes, max_side: int | None) -> bytes:
+    """The image bytes to upload: as they are if small enough, else a JPEG with the long side at ``max_side``.
+
+    A 12 MP photo overflows the context of a served VLM (a 400, not retried); EXIF rotation
+    is applied first, since re-encoding drops it.
+    """
+    if max_side is None:
+        return data
+    with Image.open(io.BytesIO(data)) as img:
+        if max(img.size) <= max_side:
+            return data
+        small = ImageOps.exif_transpose(img)
+        small.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+        out = io.BytesIO()
+        small.convert("RGB").save(out, "JPEG", quality=90)
+    return out.getvalue()
+
+
 class OpenAITeacher:
-    """Chat-completions teacher with retries, a content-keyed cache and usage accounting."""
+    """Chat-completions teacher with retries, pacing, a content-keyed cache and usage accounting."""
 
     name = "openai"
 
@@ -212,14 +299,17 @@ class OpenAITeacher:
         self.cfg = cfg
         self.api_key = os.environ.get(cfg.api_key_env)
         if not self.api_key:
-            raise RuntimeError(f"teacher.kind 'openai' needs an API key in the environment variable "
-                               f"{cfg.api_key_env} (the variable's name is set by distill.teacher.api_key_env)")
+            raise AesError(f"teacher.kind 'openai' needs an API key in the environment variable "
+                           f"{cfg.api_key_env} (the variable's name is set by distill.teacher.api_key_env)")
         self.cache_dir = Path(cfg.cache_dir)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         self.system = template("teacher_system.txt")
         self.user = template("teacher_user.txt")
         self.prompt_hash = prompt_id("teacher_system.txt", "teacher_user.txt")
         self.totals = _Usage()
+        self.request_pace = _Pace(cfg.requests_per_minute)
+        self.token_pace = _Pace(cfg.tokens_per_minute)
+        self.prompt_tokens_seen = 0  # the largest prompt so far: the token reservation's estimate
 
     def cache_key(self, image_bytes: bytes, band: str) -> str:
         digest = hashlib.sha256()
@@ -245,10 +335,48 @@ class OpenAITeacher:
     def _count_error(self, kind: str) -> None:
         self.totals.errors_by_kind[kind] = self.totals.errors_by_kind.get(kind, 0) + 1
 
+    def _charge(self, critique: Critique, payload) -> int:
+        """Add an answer's token usage to the sample's and the run's totals (failed attempts too)."""
+        usage = payload.get("usage") if isinstance(payload, dict) else None
+        try:
+            prompt, completion = int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+        except (AttributeError, TypeError, ValueError):  # no usage, or not numbers
+            return 0
+        critique.prompt_tokens += prompt
+        critique.completion_tokens += completion
+        self.totals.prompt_tokens += prompt
+        self.totals.completion_tokens += completion
+        self.prompt_tokens_seen = max(self.prompt_tokens_seen, prompt)
+        return prompt + completion
+
+    def _answer(self, payload) -> str:
+        """The critique in a 200 answer; raises _Failed for a refusal or a truncation, _Retryable if malformed."""
+        try:
+            choice = payload["choices"][0]
+            message = choice["message"]
+        except (KeyError, IndexError, TypeError) as err:
+            raise _Retryable(f"malformed response ({type(err).__name__})") from None
+        if not isinstance(message, dict):
+            raise _Retryable("malformed response (message is not an object)")
+        finish = choice.get("finish_reason")
+        if message.get("refusal") or ("content" in message and message["content"] is None) \
+                or finish == "content_filter":
+            raise _Failed("refused", f"refused: {message.get('refusal') or f'no content (finish_reason {finish})'}")
+        if finish == "length":
+            raise _Failed("truncated", f"truncated: the answer hit max_tokens={self.cfg.max_tokens}")
+        text = message.get("content")
+        if not isinstance(text, str) or not text.strip():
+            raise _Retryable("malformed response (empty content)")
+        return text.strip()
+
     async def _ask(self, client, key: str, image_path: str, band: str) -> Critique:
         import httpx
 
-        image_bytes = Path(image_path).read_bytes()
+        try:
+            image_bytes = await asyncio.to_thread(downscale, Path(image_path).read_bytes(), self.cfg.max_image_side)
+        except OSError as err:  # missing or not an image (PIL's UnidentifiedImageError is an OSError)
+            self._count_error("unreadable image")
+            return Critique(key, error=f"unreadable image: {err}")
         cache_file = self.cache_dir / f"{self.cache_key(image_bytes, band)}.json"
         if cache_file.is_file():
             hit = json.loads(cache_file.read_text())
@@ -256,47 +384,54 @@ class OpenAITeacher:
             return Critique(key, hit["text"], cached=True)
         body = {"model": self.cfg.model, "messages": self._messages(image_bytes, band),
                 "max_tokens": self.cfg.max_tokens, "temperature": self.cfg.temperature}
-        last_error = "no attempt made"
+        critique = Critique(key)
+        last_error, wait_s = "no attempt made", 0.0
         for attempt in range(self.cfg.max_retries + 1):
             if attempt:
                 self.totals.retries += 1
-                await asyncio.sleep(self._backoff(attempt - 1))
+                await asyncio.sleep(wait_s)
+            estimate = self.prompt_tokens_seen + self.cfg.max_tokens
+            await asyncio.sleep(max(self.request_pace.reserve(1), self.token_pace.reserve(estimate)))
+            critique.attempts = attempt + 1
+            used = 0
             try:
                 self.totals.requests += 1
                 response = await client.post("/chat/completions", json=body)
-                if response.status_code == 429 or response.status_code >= 500:
-                    raise _Retryable(f"HTTP {response.status_code}")
-                if response.status_code >= 400:  # a client error will not fix itself
-                    self._count_error(f"HTTP {response.status_code}")
-                    return Critique(key, error=f"HTTP {response.status_code}: {response.text[:200]}",
-                                    attempts=attempt + 1)
                 try:
                     payload = response.json()
-                    text = payload["choices"][0]["message"]["content"]
-                except (ValueError, KeyError, IndexError, TypeError) as err:
-                    raise _Retryable(f"malformed response ({type(err).__name__})") from None
-                if not isinstance(text, str) or not text.strip():
-                    raise _Retryable("malformed response (empty content)")
-                usage = payload.get("usage") or {}
-                critique = Critique(key, text.strip(), attempts=attempt + 1,
-                                    prompt_tokens=int(usage.get("prompt_tokens", 0)),
-                                    completion_tokens=int(usage.get("completion_tokens", 0)))
-                self.totals.prompt_tokens += critique.prompt_tokens
-                self.totals.completion_tokens += critique.completion_tokens
+                except ValueError:
+                    payload = None
+                used = self._charge(critique, payload)
+                if response.status_code == 429 or response.status_code >= 500:
+                    raise _Retryable(f"HTTP {response.status_code}", retry_after(response.headers))
+                if response.status_code >= 400:  # a client error will not fix itself
+                    self._count_error(f"HTTP {response.status_code}")
+                    critique.error = f"HTTP {response.status_code}: {response.text[:200]}"
+                    return critique
+                if payload is None:
+                    raise _Retryable("malformed response (JSONDecodeError)")
+                critique.text = self._answer(payload)
                 tmp = cache_file.with_suffix(".tmp")
                 tmp.write_text(json.dumps({"text": critique.text, "model": self.cfg.model,
-                                           "prompt": self.prompt_hash, "usage": usage}))
+                                           "prompt": self.prompt_hash, "usage": payload.get("usage") or {}}))
                 tmp.replace(cache_file)  # atomic: a killed run never leaves half a cache entry
+                return critique
+            except _Failed as err:
+                self._count_error(err.kind)
+                critique.error = str(err)
                 return critique
             except _Retryable as err:
                 last_error = str(err)
+                wait_s = err.wait_s if err.wait_s is not None else self._backoff(attempt)
             except httpx.TimeoutException:
-                last_error = "timeout"
+                last_error, wait_s = "timeout", self._backoff(attempt)
             except httpx.TransportError as err:
-                last_error = f"connection error ({type(err).__name__})"
+                last_error, wait_s = f"connection error ({type(err).__name__})", self._backoff(attempt)
+            finally:
+                self.token_pace.refund(estimate - used)
             self._count_error(last_error.split(" (")[0])
-        return Critique(key, error=f"gave up after {self.cfg.max_retries + 1} attempts: {last_error}",
-                        attempts=self.cfg.max_retries + 1)
+        critique.error = f"gave up after {self.cfg.max_retries + 1} attempts: {last_error}"
+        return critique
 
     async def _run(self, items: list[tuple[str, str, str]]) -> list[Critique]:
         import httpx
@@ -331,6 +466,6 @@ TEACHERS = {"analytic": AnalyticTeacher, "openai": OpenAITeacher}
 
 def make_teacher(cfg: TeacherConfig):
     if cfg.kind not in TEACHERS:
-        raise ValueError(f"distill.teacher.kind must be one of {sorted(TEACHERS)}, got {cfg.kind!r}")
+        raise AesError(f"distill.teacher.kind must be one of {sorted(TEACHERS)}, got {cfg.kind!r}")
     return TEACHERS[cfg.kind](cfg)
 

@@ -11,8 +11,12 @@ files, duplicates and splits are checked by the ingest stage, the same for all f
 - ``tad66k``: ``train``, ``test`` (CSV ``image,score``)
 - ``flickr_aes``: ``scores`` (``<name> <score>``), optional ``workers`` (CSV
   ``worker, imagePair, score``, ratings 1..5, leading spaces)
-- ``para``: ``train``, ``test`` (PARA-Giaa{Train,Test}.csv, columns by name)
+- ``para``: ``train``, ``test`` (PARA-Giaa{Train,Test}.csv, columns by name; the
+  ``aestheticScore_<rating>`` count columns, when present, give ``n_ratings``)
 - ``aadb``: ``train``, ``validation``, ``test`` (``<name> <score>``)
+
+Text files are read as UTF-8 with an optional byte-order mark (``utf-8-sig``): Excel and
+pandas write one, and it would otherwise stick to the first column name or id.
 """
 
 from __future__ import annotations
@@ -26,6 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+from aesr1.errors import AesError
+
+ENCODING = "utf-8-sig"  # UTF-8, with or without a byte-order mark
 SPLIT_ROLES = {"train": "train", "test": "test", "validation": "val"}
 
 
@@ -53,8 +60,12 @@ class Rejection:
 Parsed = Iterator[Entry | Rejection]
 
 
-class AnnotationError(ValueError):
+class AnnotationError(AesError):
     """An annotation file is missing or lacks the columns its format needs."""
+
+    def __init__(self, message: str, path: Path | None = None):
+        super().__init__(message)
+        self.path = path
 
 
 def _need(files: dict[str, Path], role: str, fmt: str) -> Path:
@@ -62,12 +73,12 @@ def _need(files: dict[str, Path], role: str, fmt: str) -> Path:
         raise AnnotationError(f"{fmt}: 'files' needs a '{role}' entry, got {sorted(files)}")
     path = files[role]
     if not path.is_file():
-        raise AnnotationError(f"{fmt}: annotation file not found: {path}")
+        raise AnnotationError(f"{fmt}: annotation file not found: {path}", path)
     return path
 
 
 def _lines(path: Path) -> Iterator[tuple[int, str]]:
-    with open(path, encoding="utf-8", errors="replace") as fh:
+    with open(path, encoding=ENCODING, errors="replace") as fh:
         for number, line in enumerate(fh, start=1):
             if line.strip():
                 yield number, line.rstrip("\n")
@@ -91,12 +102,12 @@ def read_ava(files: dict[str, Path], image_root: Path) -> Parsed:
 
 
 def _csv_rows(path: Path, needed: tuple[str, ...], fmt: str) -> Iterator[tuple[int, dict, str]]:
-    with open(path, newline="", encoding="utf-8", errors="replace") as fh:
+    with open(path, newline="", encoding=ENCODING, errors="replace") as fh:
         reader = csv.reader(fh, skipinitialspace=True)
         header = [h.strip() for h in next(reader, [])]
         missing = [c for c in needed if c not in header]
         if missing:
-            raise AnnotationError(f"{fmt}: {path} lacks columns {missing}; header is {header}")
+            raise AnnotationError(f"{fmt}: {path} lacks columns {missing}; header is {header}", path)
         for row in reader:
             if not any(cell.strip() for cell in row):
                 continue
@@ -163,6 +174,9 @@ def read_flickr_aes(files: dict[str, Path], image_root: Path) -> Parsed:
         yield Entry(name, name, mos, str(path), number, n_ratings=counts.get(name) if counts else None)
 
 
+_PARA_COUNT = re.compile(r"^aestheticScore_\d+(\.\d+)?$")  # raters per rating: aestheticScore_1.0 .. _5.0
+
+
 def read_para(files: dict[str, Path], image_root: Path) -> Parsed:
     for role in ("train", "test"):
         if role not in files:
@@ -173,13 +187,16 @@ def read_para(files: dict[str, Path], image_root: Path) -> Parsed:
                 yield Rejection(str(path), number, "malformed_line", "wrong number of columns", raw)
                 continue
             rel = f"{row['sessionId']}/{row['imageName']}"
+            counts = [row[c] for c in row if _PARA_COUNT.match(c)]
             try:
                 mos = float(row["aestheticScore_mean"])
+                n_ratings = sum(int(float(c)) for c in counts) if counts else None  # pandas writes 3.0
             except ValueError:
                 yield Rejection(str(path), number, "malformed_line",
-                                f"aestheticScore_mean {row['aestheticScore_mean']!r} is not a number", raw, rel)
+                                f"aestheticScore_mean {row['aestheticScore_mean']!r} or the rating counts "
+                                f"{counts} are not numbers", raw, rel)
                 continue
-            yield Entry(rel, rel, mos, str(path), number, split=SPLIT_ROLES[role])
+            yield Entry(rel, rel, mos, str(path), number, split=SPLIT_ROLES[role], n_ratings=n_ratings)
 
 
 _SCORE_PREFIX = re.compile(r"^\d+\.\d+_")

@@ -8,6 +8,12 @@ order, the first failure being the recorded reason:
 ``duplicate_id`` (a later line with an id already accepted). Adapter-level reasons:
 ``malformed_line``, ``rating_out_of_scale`` (FLICKR-AES worker ratings).
 
+A source that cannot be read at all (a missing file, a header without the columns its
+format needs) is recorded as one ``source_unreadable`` row and counts as wholly rejected:
+every other source is still read and checked, then the ``max_reject_rate`` rule fails the
+stage naming each such source, so a dataset never silently drops out of the mix or the
+test sets. Leave it out of ``sources`` to go on without it.
+
 Score normalisation to [0, 1], per source (``normalise``):
 
 - ``linear``: ``(mos - scale[0]) / (scale[1] - scale[0])``, the nominal scale mapped to [0, 1];
@@ -37,7 +43,8 @@ from PIL import Image
 
 from aesr1.checks import validate
 from aesr1.config import config
-from aesr1.data.adapters import ADAPTERS, Entry, Rejection
+from aesr1.data.adapters import ADAPTERS, ENCODING, AnnotationError, Entry, Rejection
+from aesr1.errors import AesError
 from aesr1.stage import Recorder
 
 log = logging.getLogger("aesr1.ingest")
@@ -77,7 +84,7 @@ class IngestConfig:
     io_workers: int = 8
 
 
-class IngestError(RuntimeError):
+class IngestError(AesError):
     """Ingest cannot produce a trustworthy manifest (too many rejections, bad config)."""
 
 
@@ -169,7 +176,8 @@ def collect_source(name: str, src: SourceConfig, raw_root: Path, verify: str, wo
     elif frame["split"].isna().any():
         undecided = frame["split"].isna()
         if src.test_ids:
-            test_ids = {line.strip() for line in resolve(src.test_ids).read_text().splitlines() if line.strip()}
+            text = resolve(src.test_ids).read_text(encoding=ENCODING, errors="replace")
+            test_ids = {line.strip() for line in text.splitlines() if line.strip()}
             frame.loc[undecided, "split"] = np.where(frame.loc[undecided, "native_id"].isin(test_ids), "test", "train")
         elif src.test_fraction is not None:
             is_test = frame.loc[undecided, "native_id"].map(lambda i: _stable_unit(seed, i) < src.test_fraction)
@@ -238,7 +246,15 @@ def ingest(cfg: IngestConfig, recorder: Recorder) -> dict:
 
     frames, rejected, per_source = [], [], {}
     for name, src in cfg.sources.items():
-        frame, rej = collect_source(name, src, raw_root, cfg.verify_images, cfg.io_workers, cfg.seed)
+        try:
+            frame, rej = collect_source(name, src, raw_root, cfg.verify_images, cfg.io_workers, cfg.seed)
+        except (AnnotationError, OSError) as err:  # this source only: the others are still read
+            path = err.path if isinstance(err, AnnotationError) else err.filename
+            log.error("%s: cannot be read: %s", name, err)
+            rejected.append(_reject(name, Rejection(str(path or ""), 0, "source_unreadable", str(err))))
+            per_source[name] = {"accepted": 0, "rejected": 0, "reject_rate": 1.0,
+                                "rejected_by_reason": {"source_unreadable": 1}, "error": str(err)}
+            continue
         frames.append(frame)
         rejected += rej
         seen = len(frame) + len(rej)
@@ -255,7 +271,8 @@ def ingest(cfg: IngestConfig, recorder: Recorder) -> dict:
     recorder.artifact(out / "rejected.parquet")
     too_many = {n: s for n, s in per_source.items() if s["reject_rate"] > cfg.max_reject_rate}
     if too_many:
-        lines = [f"{n}: {s['rejected']}/{s['rejected'] + s['accepted']} rejected ({s['reject_rate']:.1%}): "
+        lines = [f"{n}: unreadable, the whole source is rejected: {s['error']}" if "error" in s else
+                 f"{n}: {s['rejected']}/{s['rejected'] + s['accepted']} rejected ({s['reject_rate']:.1%}): "
                  f"{s['rejected_by_reason']}" for n, s in too_many.items()]
         raise IngestError(f"rejection rate above max_reject_rate={cfg.max_reject_rate:.1%}:\n  " + "\n  ".join(lines)
                           + f"\nsee {out / 'rejected.parquet'} for each line and its reason")

@@ -27,6 +27,7 @@ from PIL import Image
 
 from aesr1.config import config
 from aesr1.data.render import FACTORS, Grid, render
+from aesr1.errors import AesError
 
 DATASETS = ("ava", "tad66k", "flickr_aes", "para", "aadb")
 LATENT_FILE = "aessynth_latent.csv"
@@ -230,16 +231,19 @@ class _Writer:
         d = self.root / "PARA"
         pop = POPULATIONS["para"]
         ratings = to_scale(rate(im.factors, pop, self.rng, pop.raters_per_image), 1, 5, step=0.5)
-        header = ["sessionId", "imageName", "qualityScore_mean", "aestheticScore_mean", "aestheticScore_std",
-                  "compositionScore_mean", "colorScore_mean"]
+        levels = np.arange(1, 5.5, 0.5)  # PARA's score distribution: raters per level, aestheticScore_1.0 .. _5.0
+        header = ["sessionId", "imageName", "qualityScore_mean", *(f"aestheticScore_{v:.1f}" for v in levels),
+                  "aestheticScore_mean", "aestheticScore_std", "compositionScore_mean", "colorScore_mean"]
         rows = {"train": [], "test": []}
         for name, r, f, s in zip(im.names, ratings, im.factors, im.split):
             session, image = name.split("/")
-            rows[s].append([session, image, f"{1 + 4 * f[0]:.2f}", f"{r.mean():.4f}", f"{r.std():.4f}",
+            counts = [int(np.isclose(r, v).sum()) for v in levels]
+            rows[s].append([session, image, f"{1 + 4 * f[0]:.2f}", *counts, f"{r.mean():.4f}", f"{r.std():.4f}",
                             f"{1 + 4 * f[2]:.2f}", f"{1 + 4 * f[3]:.2f}"])
         n_faults = _faults(len(im.names), self.cfg.fault_fraction)
         for k in range(n_faults):  # rows whose image file does not exist
-            rows["test"].append(["session1", f"missing_{k}.jpg", "3", "3.0", "0.5", "3", "3"])
+            counts = [pop.raters_per_image if v == 3 else 0 for v in levels]
+            rows["test"].append(["session1", f"missing_{k}.jpg", "3", *counts, "3.0", "0.5", "3", "3"])
         (d / "annotation").mkdir(parents=True, exist_ok=True)
         for split, split_rows in (("Train", rows["train"]), ("Test", rows["test"])):
             with open(d / "annotation" / f"PARA-Giaa{split}.csv", "w", newline="") as fh:
@@ -283,7 +287,7 @@ def generate(cfg: SynthConfig) -> dict:
     root.mkdir(parents=True)
     unknown = set(cfg.sizes) - set(DATASETS)
     if unknown:
-        raise ValueError(f"synth.sizes names unknown datasets {sorted(unknown)}; known: {list(DATASETS)}")
+        raise AesError(f"synth.sizes names unknown datasets {sorted(unknown)}; known: {list(DATASETS)}")
 
     jobs: list[tuple] = []
     latent_rows: list[list] = []
