@@ -81,99 +81,46 @@ def test_binary_reward_and_modes():
         rewards_for_mode("score")
 
 
-def exposure_testbed(root, n: int, seed: int) -> pd.DataFrame:
-    """Images whose score is one clearly visible factor, their brightness (dark or bright, and how
-    much), and AesCoT-like trajectories: a critique toned by the band, then a noisy score, as raters give."""
-    from PIL import Image
-
-    from aesr1.trajectory import band_of
-
-    rng = np.random.default_rng(seed)
-    rows = []
-    scores = np.where(rng.random(n) < 0.5, rng.uniform(0.05, 0.35, n), rng.uniform(0.65, 0.95, n)).round(2)
-    for i, score in enumerate(scores):
-        pixels = np.clip(score * 255 + rng.normal(0, 12, (32, 32, 3)), 0, 255).astype(np.uint8)
-        path = root / f"{seed}_{i}.png"
-        Image.fromarray(pixels).save(path)
-        tone = {"bad": "dark and dull", "fair": "even", "good": "bright and lively"}[band_of(score)]
-        target = float(np.clip(score + rng.normal(0, 0.1), 0, 1))
-        rows.append({"image_id": f"ava/{seed}_{i}", "image_path": str(path), "dataset": "ava", "score": score,
-                     "trajectory": make_trajectory(f"Exposure: the frame is {tone}.", target)})
-    return pd.DataFrame(rows)
-
-
-def expected_plcc(model, processor, frame: pd.DataFrame) -> float:
-    from aesr1.evaluation.stage import readout_scores
-    from aesr1.metrics import correlations
-    from aesr1.policy.generation import sample
-
-    processor.tokenizer.padding_side = "left"
-    sampled = sample(model, processor, list(frame.image_path), n=2, temperature=0.6, top_p=0.7, top_k=50,
-                     max_new_tokens=40, batch_size=48)
-    predicted = readout_scores(sampled.texts, sampled.expected, 2)["expected"]
-    return correlations(np.where(np.isfinite(predicted), predicted, 0.5), frame.score)["plcc"]
-
-
 @pytest.mark.slow
-def test_rapo_learns_a_visible_factor_and_logs_its_health(tmp_path, monkeypatch):
-    """The guard that RL works: on a testbed where the score is the image's brightness, SFT learns
-    it, and RAPO from that model raises the held-out PLCC or keeps it near its ceiling; the run
-    logs rewards, score health and completion tables, and saves a loadable model."""
-    import torch
+def test_a_short_rapo_run_logs_rewards_and_saves_a_loadable_model(tmp_path, monkeypatch):
     from test_policy import SMALL
 
     from aesr1.policy.backbone import BackboneConfig, PretrainConfig, backbone
-    from aesr1.policy.data import sft_dataset
     from aesr1.policy.generation import load_policy
+    from aesr1.policy.train import TrainConfig
     from aesr1.policy.sft import HeldoutConfig
-    from aesr1.policy.train import TrainConfig, fit, save_policy
     from aesr1.rl.grpo import GRPOParams, RLStageConfig, rl
     from aesr1.stage import Recorder
     from aesr1.tracking import stage_run
+    from conftest import write_jpeg
 
     backbone(BackboneConfig(out_dir=str(tmp_path / "backbone"), checkpoint_root=str(tmp_path / "ck"), tiny=SMALL,
                             pretrain=PretrainConfig(samples=8, train=TrainConfig(epochs=1, batch_size=8))),
              Recorder())
-    (tmp_path / "img").mkdir()
-    train, heldout = exposure_testbed(tmp_path / "img", 160, 0), exposure_testbed(tmp_path / "img", 64, 1)
-    train.to_parquet(tmp_path / "train.parquet")
-    heldout.to_parquet(tmp_path / "test.parquet")
-
-    torch.manual_seed(0)
-    model, processor = load_policy(str(tmp_path / "backbone"))
-    sft_cfg = TrainConfig(epochs=8, learning_rate=3e-3, batch_size=16, freeze_vision=False, warmup=0.05,
-                          save_steps=10_000, logging_steps=50)
-    model, _ = fit(model, processor, sft_dataset(train, "trajectory"), sft_cfg, tmp_path / "ck" / "sft")
-    save_policy(model, processor, tmp_path / "sft", tmp_path / "ck" / "sft", log_model=False)
-    sft_plcc = expected_plcc(model, processor, heldout)
-    print(f"SFT held-out PLCC {sft_plcc:.3f}")
-    assert sft_plcc > 0.5, f"SFT did not learn the visible factor (held-out PLCC {sft_plcc:.2f})"
-
-    cfg = RLStageConfig(model=str(tmp_path / "sft"), train_manifest=str(tmp_path / "train.parquet"),
-                        test_manifest=str(tmp_path / "test.parquet"), balance_bands=True,
-                        heldout=HeldoutConfig(samples=8, datasets=["ava"], max_new_tokens=40),
+    rows = [{"image_id": f"ava/{i}", "image_path": str(write_jpeg(tmp_path / f"{i}.jpg", 25 * i, 32)),
+             "score": i / 9, "dataset": "ava"} for i in range(8)]
+    pd.DataFrame(rows).to_parquet(tmp_path / "train.parquet")
+    cfg = RLStageConfig(model=str(tmp_path / "backbone"), train_manifest=str(tmp_path / "train.parquet"),
+                        test_manifest=str(tmp_path / "train.parquet"),
+                        heldout=HeldoutConfig(samples=4, datasets=["ava"], max_new_tokens=12),
                         out_dir=str(tmp_path / "rapo"), checkpoint_root=str(tmp_path / "ck"),
-                        grpo=GRPOParams(images_per_device=8, grad_accum=1, max_steps=24, learning_rate=1e-3,
-                                        max_completion_length=40, completions_table_every=12, save_steps=100,
-                                        num_iterations=2, freeze_vision=True))
+                        grpo=GRPOParams(images_per_device=2, grad_accum=1, max_steps=3, learning_rate=1e-3,
+                                        max_completion_length=12, completions_table_every=2, save_steps=100,
+                                        num_iterations=2))
     monkeypatch.chdir(tmp_path)
     with stage_run("rl", {}, root=tmp_path) as run:
         metrics = rl(cfg, Recorder())
-    assert metrics["steps"] == 24 and metrics["completion_tables"] == 2
-    assert metrics["heldout"]["heldout_images"] == 8
+    assert metrics["steps"] == 3 and metrics["completion_tables"] == 1
+    assert metrics["heldout"]["heldout_images"] == 4
     logged = mlflow.get_run(run.info.run_id).data.metrics
     for name in ("rewards/rank_reward/mean", "rewards/absolute_reward/mean", "rewards/format_reward/mean",
-                 "unparseable_rate", "band_share/fair", "score_std_between_images", "entropy", "kl",
-                 "completions/mean_length"):
+                 "unparseable_rate", "entropy", "kl", "completions/mean_length"):
         assert name in logged, name
     assert any(k.startswith("clip_ratio") for k in logged)
     table = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="completions")
     assert json.loads(next(iter(sorted(__import__("pathlib").Path(table).iterdir()))).read_text())["columns"]
-    model, processor = load_policy(str(tmp_path / "rapo"))
+    model, _ = load_policy(str(tmp_path / "rapo"))
     assert type(model).__name__ == "Qwen2_5_VLForConditionalGeneration"
-    rapo_plcc = expected_plcc(model, processor, heldout)
-    print(f"held-out PLCC (expected readout): SFT {sft_plcc:.3f}, RAPO {rapo_plcc:.3f}")
-    assert rapo_plcc > sft_plcc + 0.02 or rapo_plcc > 0.85, (sft_plcc, rapo_plcc)
 
 
 def _rank_on_one_process(rank, world, port, rows, queue):
@@ -219,3 +166,18 @@ def test_rank_reward_ranks_the_global_batch_across_processes():
     # ranking one process's half alone would differ: the gather matters
     alone, _ = rapo_rewards(pred[0::2], gt[0::2])
     assert not np.allclose(alone.ravel(), results[0])
+
+
+def test_band_balanced_rl_prompts_take_the_rarest_bands_count_of_each(tmp_path):
+    from aesr1.rl.grpo import RLStageConfig, rl_images
+    from aesr1.trajectory import band_of
+
+    scores = [0.1] * 10 + [0.5] * 30 + [0.8] * 5
+    pd.DataFrame({"image_id": [f"i{n}" for n in range(45)], "image_path": "x.jpg", "score": scores}).to_parquet(
+        tmp_path / "train.parquet")
+    cfg = RLStageConfig(train_manifest=str(tmp_path / "train.parquet"), balance_bands=True)
+    chosen = rl_images(cfg)
+    assert chosen.score.map(band_of).value_counts().to_dict() == {"bad": 5, "fair": 5, "good": 5}
+    assert chosen.image_id.is_unique and list(chosen.image_id) == list(rl_images(cfg).image_id)  # seeded
+    natural = rl_images(RLStageConfig(train_manifest=str(tmp_path / "train.parquet")))
+    assert len(natural) == 45
