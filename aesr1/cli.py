@@ -90,10 +90,7 @@ def _score(args: argparse.Namespace) -> int:
     decoding = dataclasses.replace(decoding, greedy=args.greedy or decoding.greedy,
                                    samples_per_image=args.samples or decoding.samples_per_image,
                                    readout=args.readout or decoding.readout)
-    try:
-        files = image_files(args.images)
-    except FileNotFoundError as err:
-        raise AesError(str(err)) from None
+    files = image_files(args.images)
     if not files:
         raise AesError(f"no images in {args.images}")
     unreadable = {}

@@ -19,6 +19,7 @@ import pandas as pd
 from PIL import Image
 
 from aesr1.config import config
+from aesr1.errors import AesError
 from aesr1.trajectory import parse_score, split_trajectory
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
@@ -100,7 +101,7 @@ def image_files(inputs: list[str]) -> list[Path]:
         elif item.is_file():
             files.append(item)
         else:
-            raise FileNotFoundError(f"no such image or folder: {item}")
+            raise AesError(f"no such image or folder: {item}")
     return files
 
 
@@ -110,11 +111,11 @@ def decode_image(value: str) -> Image.Image:
         try:
             return Image.open(value).convert("RGB")
         except OSError as error:
-            raise ValueError(f"cannot read image {value}: {error}") from error
+            raise AesError(f"cannot read image {value}: {error}") from error
     try:
         return Image.open(io.BytesIO(base64.b64decode(value, validate=True))).convert("RGB")
     except Exception as error:
-        raise ValueError("each 'image' must be an existing image file path or base64-encoded image bytes") from error
+        raise AesError("each 'image' must be an existing image file path or base64-encoded image bytes") from error
 
 
 REQUEST_PARAMS = ("greedy", "temperature", "top_p", "top_k", "samples_per_image", "readout", "max_new_tokens")
@@ -158,7 +159,7 @@ class PolicyScorer(_mlflow_base()):
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         if "image" not in model_input.columns:
-            raise ValueError("the input needs an 'image' column (file paths or base64-encoded images)")
+            raise AesError("the input needs an 'image' column (file paths or base64-encoded images)")
         images = [decode_image(str(v)) for v in model_input["image"]]
         decoding = DecodingConfig(**{**self.decoding, **(params or {})})
         results = score_images(self.model, self.processor, images, decoding)
@@ -182,8 +183,7 @@ def load_scorer(model: str):
                     for row in frame.to_dict("records")]
         return by_uri
 
-    from aesr1.policy.backbone import resolve_model
-    from aesr1.policy.generation import load_policy
+    from aesr1.policy.generation import load_policy, resolve_model
 
     policy, processor = load_policy(resolve_model(model))
 

@@ -10,16 +10,19 @@ failed data check's report is in MLflow next to the error.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, TypeVar
 
 import mlflow
 
 from aesr1.config import flatten, load_section
+from aesr1.lineage import code_digest, import_closure
 from aesr1.tracking import stage_run
 
 T = TypeVar("T")
@@ -33,6 +36,7 @@ class Recorder:
         self.artifacts: list[tuple[Path, str | None]] = []
         self.params: dict[str, str] = {}
         self.tables: dict[str, object] = {}
+        self.datasets: list[tuple[Path, object, str]] = []
 
     def param(self, name: str, value: object) -> None:
         """A run parameter the stage learns while running (e.g. a prompt's content hash)."""
@@ -44,6 +48,28 @@ class Recorder:
 
     def artifact(self, path: str | Path, folder: str | None = None) -> None:
         self.artifacts.append((Path(path), folder))
+
+    def dataset(self, path: str | Path, frame, context: str) -> None:
+        """A table the stage read (a manifest, the corpus): an MLflow dataset input with its digest and source."""
+        self.datasets.append((Path(path), frame, context))
+
+
+def stage_modules(module: str) -> list[str]:
+    """The modules a stage runs from: its own and the stage runner's (whose imports bring the rest)."""
+    return [module, __name__, "aesr1.config"]
+
+
+def log_dataset(path: Path, frame, context: str) -> None:
+    import mlflow.data
+
+    with warnings.catch_warnings():  # a local path "can be interpreted in multiple ways", all of them local files
+        warnings.filterwarnings("ignore", message="The specified dataset source")
+        dataset = mlflow.data.from_pandas(frame, source=path.resolve().as_uri(), name=path.name)
+    mlflow.log_input(dataset, context=context)
+
+
+def params_digest(cfg) -> str:
+    return hashlib.md5(json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str).encode()).hexdigest()
 
 
 def numeric_metrics(metrics: dict) -> dict[str, float]:
@@ -73,7 +99,10 @@ def run_stage(name: str, params_path: str | Path, cls: type[T], fn: Callable[[T,
               metrics_dir: str | Path = "metrics") -> dict:
     cfg = load_section(params_path, name, cls)
     recorder = Recorder()
-    with stage_run(name, flatten(dataclasses.asdict(cfg))):
+    code = import_closure(stage_modules(fn.__module__))
+    lineage = {"aesr1.params_md5": params_digest(cfg), "aesr1.code_md5": code_digest(code),
+               "aesr1.code_files": ",".join(code)}
+    with stage_run(name, flatten(dataclasses.asdict(cfg)), tags=lineage):
         start = time.perf_counter()
         try:
             metrics = fn(cfg, recorder)
@@ -85,6 +114,8 @@ def run_stage(name: str, params_path: str | Path, cls: type[T], fn: Callable[[T,
         finally:
             if recorder.params:
                 mlflow.log_params(recorder.params)
+            for path, frame, context in recorder.datasets:
+                log_dataset(path, frame, context)
             for table_name, frame in recorder.tables.items():
                 mlflow.log_table(frame, artifact_file=table_name)
             for path, folder in recorder.artifacts:

@@ -14,7 +14,9 @@ a pipeline id, taken from, in order:
 
 from __future__ import annotations
 
+import datetime
 import os
+import socket
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,12 +25,19 @@ from typing import Iterator
 import mlflow
 import psutil
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT
+
+from aesr1.lineage import git_state
 
 EXPERIMENT = "aesr1"
 PIPELINE_TAG = "aesr1.pipeline_id"
 ROLE_TAG = "aesr1.role"
 STAGE_TAG = "aesr1.stage"
 DVC_EXP_TAG = "aesr1.dvc_experiment"
+DIRTY_TAG = "aesr1.git_dirty"
+HOST_TAG, PROCESS_TAG = "aesr1.host", "aesr1.process"
+# the UI opens an experiment of this kind on its training runs (not on the GenAI traces overview)
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 _SHELLS = {"sh", "bash", "dash", "zsh", "fish"}
 _EXPERIMENT_RUN_DIR = os.path.join(".dvc", "tmp", "exps")
 
@@ -71,14 +80,49 @@ def ensure_experiment(client: MlflowClient, root: Path, name: str | None = None)
     """
     name = name or experiment_name()
     experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    served = tracking_uri(root).startswith(("http://", "https://", "databricks"))
+    if experiment is None:
+        served = tracking_uri(root).startswith(("http://", "https://", "databricks"))
+        try:
+            return client.create_experiment(name, artifact_location=None if served else (root / "mlartifacts").as_uri(),
+                                            tags=EXPERIMENT_KIND)
+        except mlflow.exceptions.MlflowException:
+            experiment = client.get_experiment_by_name(name)  # another process created it first
+    if not set(EXPERIMENT_KIND.items()) <= set(experiment.tags.items()):
+        for key, value in EXPERIMENT_KIND.items():
+            client.set_experiment_tag(experiment.experiment_id, key, value)
+    return experiment.experiment_id
+
+
+def git_tags(root: Path) -> dict[str, str]:
+    """The commit (MLflow's own tag, shown in the UI) and whether tracked files differed from it."""
+    state = git_state(root)
+    if state is None:
+        return {}
+    commit, dirty = state
+    return {MLFLOW_GIT_COMMIT: commit, DIRTY_TAG: str(dirty).lower()}
+
+
+def process_tags() -> dict[str, str]:
+    process = psutil.Process()
+    return {HOST_TAG: socket.gethostname(), PROCESS_TAG: f"{process.pid}-{int(process.create_time())}"}
+
+
+def alive(process_tag: str) -> bool:
+    pid, started = (int(part) for part in process_tag.split("-"))
     try:
-        return client.create_experiment(name, artifact_location=None if served else (root / "mlartifacts").as_uri())
-    except mlflow.exceptions.MlflowException:
-        # another process created it first
-        return client.get_experiment_by_name(name).experiment_id
+        return int(psutil.Process(pid).create_time()) == started
+    except psutil.Error:
+        return False
+
+
+def mark_killed_runs(client: MlflowClient, experiment_id: str) -> list[str]:
+    """Mark KILLED the stage runs still RUNNING whose process on this host is gone (killed mid-run)."""
+    found = client.search_runs([experiment_id], filter_string=(
+        f"attributes.status = 'RUNNING' and tags.`{ROLE_TAG}` = 'stage' and tags.`{HOST_TAG}` = '{socket.gethostname()}'"))
+    killed = [r.info.run_id for r in found if PROCESS_TAG in r.data.tags and not alive(r.data.tags[PROCESS_TAG])]
+    for run_id in killed:
+        client.set_terminated(run_id, status="KILLED")
+    return killed
 
 
 def pipeline_id() -> str:
@@ -105,26 +149,38 @@ def _pipeline_run(client: MlflowClient, experiment_id: str, pid: str) -> str:
         return found[0].info.run_id
     # a queued `dvc exp` run names its pipeline run after the experiment (DVC sets DVC_EXP_NAME)
     exp_name = os.environ.get("DVC_EXP_NAME")
-    tags = {PIPELINE_TAG: pid, ROLE_TAG: "pipeline", **({DVC_EXP_TAG: exp_name} if exp_name else {})}
-    run = client.create_run(experiment_id, run_name=exp_name or f"pipeline-{pid[:12]}", tags=tags)
-    return run.info.run_id
+    lineage = git_tags(project_root())
+    tags = {PIPELINE_TAG: pid, ROLE_TAG: "pipeline", **lineage, **({DVC_EXP_TAG: exp_name} if exp_name else {})}
+    return client.create_run(experiment_id, run_name=pipeline_run_name(lineage, exp_name), tags=tags).info.run_id
+
+
+def pipeline_run_name(lineage: dict[str, str], exp_name: str | None) -> str:
+    """E.g. ``2026-11-24 09:30 3f2a9c1+dirty exp-lr-sweep``: when, which commit, which DVC experiment."""
+    parts = [datetime.datetime.now().strftime("%Y-%m-%d %H:%M")]
+    if MLFLOW_GIT_COMMIT in lineage:
+        parts.append(lineage[MLFLOW_GIT_COMMIT][:7] + ("+dirty" if lineage[DIRTY_TAG] == "true" else ""))
+    return " ".join(parts + ([exp_name] if exp_name else []))
 
 
 @contextmanager
-def stage_run(stage: str, params: dict, root: Path | None = None) -> Iterator[mlflow.ActiveRun]:
-    """An MLflow run for one stage, nested under its pipeline run, with params logged.
+def stage_run(stage: str, params: dict, root: Path | None = None,
+              tags: dict[str, str] | None = None) -> Iterator[mlflow.ActiveRun]:
+    """An MLflow run for one stage, nested under its pipeline run, with params and lineage tags.
 
     The parent is marked FINISHED (or FAILED) with each stage, so it never stays
-    'running' in the UI after the last stage.
+    'running' in the UI after the last stage; a stage run whose process was killed is
+    marked KILLED when the next stage starts on that host.
     """
     root = root or project_root()
     mlflow.set_tracking_uri(tracking_uri(root))
     client = MlflowClient()
     experiment_id = ensure_experiment(client, root)
+    mark_killed_runs(client, experiment_id)
     pid = pipeline_id()
     parent_id = _pipeline_run(client, experiment_id, pid)
     status = "FAILED"
-    tags = {PIPELINE_TAG: pid, ROLE_TAG: "stage", STAGE_TAG: stage}
+    tags = {PIPELINE_TAG: pid, ROLE_TAG: "stage", STAGE_TAG: stage, **git_tags(root), **process_tags(),
+            **(tags or {})}
     try:
         with mlflow.start_run(
                 experiment_id=experiment_id, run_name=stage, parent_run_id=parent_id, tags=tags) as run:

@@ -19,9 +19,8 @@ import pandas as pd
 from PIL import Image
 
 from aesr1.config import load_section
-from aesr1.policy.backbone import resolve_model
 from aesr1.policy.data import prompt_messages, sft_dataset
-from aesr1.policy.generation import load_policy
+from aesr1.policy.generation import load_policy, resolve_model
 from aesr1.policy.sft import SFTStageConfig
 from aesr1.policy.train import fit
 

@@ -23,9 +23,10 @@ import pandas as pd
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from aesr1.errors import AesError
+from aesr1.rl.reward_funcs import REWARD_MODES
 from tasks.dvc_stage import run_logged
 
-REWARD_MODES = ["binary", "error", "rank", "binary+rank", "error+rank"]
 # Every setting evaluates only its RAPO model and registers nothing.
 COMMON = {"evaluate.only": "[rapo]", "evaluate.register.model": "null"}
 RESULT_COLUMNS = ["plcc", "plcc_se", "srcc", "srcc_se", "expected_plcc", "expected_srcc", "unparseable_rate",
@@ -40,7 +41,7 @@ def study_settings(study: str, cold_start: bool = False) -> dict[str, dict[str, 
     if study == "sft-epochs":
         return {"0": {"rl.model": "data/models/backbone"},
                 **{str(e): {"sft.train.epochs": str(e)} for e in (1, 2, 10)}}
-    raise ValueError(f"unknown study {study!r}; choose rewards or sft-epochs")
+    raise AesError(f"unknown study {study!r}; choose rewards or sft-epochs")
 
 
 def experiment_name(study: str, setting: str, stamp: str) -> str:
@@ -100,7 +101,7 @@ def ablation(study: str, root: str = ".", cold_start: bool = False, jobs: int = 
     all_settings = study_settings(study, cold_start)
     unknown = sorted(set(settings or []) - set(all_settings))
     if unknown:
-        raise ValueError(f"unknown settings {unknown} for {study}; known: {list(all_settings)}")
+        raise AesError(f"unknown settings {unknown} for {study}; known: {list(all_settings)}")
     settings = {k: v for k, v in all_settings.items() if not settings or k in settings}
     stamp = time.strftime("%Y%m%d%H%M%S")
     names = {setting: experiment_name(study, setting, stamp) for setting in settings}

@@ -20,6 +20,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
+from aesr1.errors import AesError
 from tasks.dvc_stage import dvc_stages, remote_stage, repro_stage
 
 
@@ -36,7 +37,7 @@ def pipeline(stages: list[str] | None = None, root: str = ".", force: bool = Fal
     remote_stages = remote_stages or {}
     unknown = [s for s in [*(stages or []), *remote_stages] if s not in known]
     if unknown:
-        raise ValueError(f"unknown stages {unknown}; dvc.yaml has {known}")
+        raise AesError(f"unknown stages {unknown}; dvc.yaml has {known}")
     chosen = [s for s in known if s in stages] if stages else known
     pipeline_id = flow_run.id or uuid.uuid4().hex
     get_run_logger().info("pipeline %s: stages %s", pipeline_id, chosen)

@@ -5,6 +5,7 @@ import math
 import pandas as pd
 import pytest
 
+from aesr1.errors import AesError
 from aesr1.evaluation.ablation import findings, write_ablation_report
 from flows.ablations import COMMON, experiment_name, experiment_results, study_settings
 
@@ -22,7 +23,7 @@ def test_sft_epoch_study_zero_epochs_means_rl_from_the_backbone():
     settings = study_settings("sft-epochs")
     assert settings["0"] == {"rl.model": "data/models/backbone"}
     assert [settings[e]["sft.train.epochs"] for e in ("1", "2", "10")] == ["1", "2", "10"]
-    with pytest.raises(ValueError, match="unknown study"):
+    with pytest.raises(AesError, match="unknown study"):
         study_settings("learning-rate")
     assert experiment_name("rewards", "error+rank", "0101") == "rewards-error-plus-rank-0101"
 

@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 
 from aesr1.aescot.measure import ImageStats
+from aesr1.errors import AesError
 from aesr1.evaluation.plots import history_curves
 from aesr1.evaluation.report import write_report
 from aesr1.evaluation.stage import critique_quality, noise_ceilings, score_metrics, summarise
@@ -118,14 +119,14 @@ def test_score_inputs_are_files_folders_or_base64(tmp_path):
     b = write_jpeg(tmp_path / "imgs" / "sub" / "b.png", 200)
     (tmp_path / "imgs" / "notes.txt").write_text("not an image")
     assert image_files([str(tmp_path / "imgs")]) == [a, b]
-    with pytest.raises(FileNotFoundError, match="no such image"):
+    with pytest.raises(AesError, match="no such image"):
         image_files([str(tmp_path / "missing.jpg")])
     encoded = base64.b64encode(a.read_bytes()).decode()
     assert decode_image(encoded).size == (16, 16) and decode_image(str(b)).getpixel((0, 0)) == (200, 200, 200)
-    with pytest.raises(ValueError, match="base64"):
+    with pytest.raises(AesError, match="base64"):
         decode_image("definitely not an image")
     (tmp_path / "broken.jpg").write_bytes(a.read_bytes()[:40])
-    with pytest.raises(ValueError, match="cannot read image"):
+    with pytest.raises(AesError, match="cannot read image"):
         decode_image(str(tmp_path / "broken.jpg"))
 
 

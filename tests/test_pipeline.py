@@ -17,6 +17,8 @@ import yaml
 
 from conftest import REPO, cli_env, repo_copy, run, shrink_params, with_venv
 
+from aesr1.errors import AesError
+
 pytestmark = pytest.mark.slow
 STAGES = list(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"])
 
@@ -183,7 +185,7 @@ def test_a_failed_stage_keeps_earlier_outputs_and_a_rerun_resumes_there(tmp_path
     runs = stage_runs(env["MLFLOW_TRACKING_URI"])
     # the invalid params stopped distill before its run began; the rerun's distill is the only one
     assert sorted(runs["tags.mlflow.runName"]) == ["distill", "ingest", "synth"]
-    with pytest.raises(ValueError, match="unknown stages"):
+    with pytest.raises(AesError, match="unknown stages"):
         with prefect_test_harness():
             pipeline(stages=["nope"], root=str(root))
 

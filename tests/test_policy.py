@@ -8,10 +8,9 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from aesr1.policy.backbone import (BackboneConfig, PretrainConfig, TinyModelConfig, backbone, build_tiny,
-                                   build_tokenizer, resolve_model)
+from aesr1.policy.backbone import BackboneConfig, PretrainConfig, TinyModelConfig, backbone, build_tiny, build_tokenizer
 from aesr1.policy.data import sft_dataset
-from aesr1.policy.generation import load_policy, sample, token_entropy
+from aesr1.policy.generation import load_policy, resolve_model, sample, token_entropy
 from aesr1.policy.train import TrainConfig, fit
 from aesr1.stage import Recorder
 from aesr1.trajectory import make_trajectory, parse_score

@@ -7,7 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from aesr1.rl.reward_funcs import make_reward_funcs, rewards_for_mode
+from aesr1.errors import AesError
+from aesr1.rl.reward_funcs import REWARD_MODES, REWARDS, RewardConfig, make_reward_funcs, rewards_for_mode
 from aesr1.rl.rewards import rapo_rewards
 from aesr1.trajectory import make_trajectory
 
@@ -70,57 +71,134 @@ def test_grouping_ignores_row_order_mixing():
 
 
 def test_binary_reward_and_modes():
-    (binary,) = make_reward_funcs(["binary"], binary_threshold=0.1)
+    (binary,) = make_reward_funcs(["binary"], RewardConfig(binary_threshold=0.1))
     out = binary(prompts=None, completions=[conversation(make_trajectory("x", 0.5)), conversation("bad")],
                  completion_ids=None, image_id=["a", "a"], score=[0.55, 0.55])
     assert out == [1.0, 0.0]
-    assert rewards_for_mode("error+rank") == (["rank", "absolute", "format"], [0.5, 0.5, 1.0])
-    assert rewards_for_mode("rank") == (["rank", "format"], [1.0, 1.0])
-    assert rewards_for_mode("binary+rank", 0.3, 0.7) == (["rank", "binary", "format"], [0.3, 0.7, 1.0])
+    assert rewards_for_mode(RewardConfig()) == (["rank", "absolute", "format"], [0.5, 0.5, 1.0])
+    assert rewards_for_mode(RewardConfig(mode="rank")) == (["rank", "format"], [1.0, 1.0])
+    assert rewards_for_mode(RewardConfig(mode="binary+rank", relative_weight=0.3, absolute_weight=0.7)) == (
+        ["rank", "binary", "format"], [0.3, 0.7, 1.0])
     with pytest.raises(ValueError, match="reward mode"):
-        rewards_for_mode("score")
+        RewardConfig(mode="score")
+    with pytest.raises(AesError, match="unknown reward functions"):
+        make_reward_funcs(["score"])
+
+
+def test_configured_rewards_pickle_and_carry_trl_names():
+    """trl names each reward by ``__name__`` and may pickle it (to worker processes)."""
+    import pickle
+
+    funcs = make_reward_funcs(list(REWARDS), RewardConfig(sigma=0.2))
+    assert [f.__name__ for f in funcs] == [f"{n}_reward" for n in REWARDS]
+    copy = pickle.loads(pickle.dumps(funcs[0]))
+    assert copy.cfg.sigma == 0.2 and copy.__name__ == funcs[0].__name__
+    assert set(REWARD_MODES) >= {"error+rank", "rank", "error"}
+    for mode in REWARD_MODES:  # every mode names rewards that exist
+        names, weights = rewards_for_mode(RewardConfig(mode=mode))
+        assert names[-1] == "format" and len(make_reward_funcs(names)) == len(weights)
+
+
+def exposure_testbed(root, n: int, seed: int) -> pd.DataFrame:
+    """Images whose score is one clearly visible factor, their brightness (dark or bright, and how
+    much), with AesCoT-like trajectories: a critique toned by the band, then a noisy score, as raters give."""
+    from PIL import Image
+
+    from aesr1.trajectory import band_of
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    scores = np.where(rng.random(n) < 0.5, rng.uniform(0.05, 0.35, n), rng.uniform(0.65, 0.95, n)).round(2)
+    for i, score in enumerate(scores):
+        pixels = np.clip(score * 255 + rng.normal(0, 12, (32, 32, 3)), 0, 255).astype(np.uint8)
+        path = root / f"{seed}_{i}.png"
+        Image.fromarray(pixels).save(path)
+        tone = {"bad": "dark and dull", "fair": "even", "good": "bright and lively"}[band_of(score)]
+        target = float(np.clip(score + rng.normal(0, 0.1), 0, 1))
+        rows.append({"image_id": f"ava/{seed}_{i}", "image_path": str(path), "dataset": "ava", "score": score,
+                     "trajectory": make_trajectory(f"Exposure: the frame is {tone}.", target)})
+    return pd.DataFrame(rows)
+
+
+def expected_plcc(model, processor, frame: pd.DataFrame) -> float:
+    """Held-out PLCC of the low-noise readout (expected score, mean of two critiques per image)."""
+    from aesr1.evaluation.stage import readout_scores
+    from aesr1.metrics import correlations
+    from aesr1.policy.generation import sample
+
+    processor.tokenizer.padding_side = "left"
+    sampled = sample(model, processor, list(frame.image_path), n=2, temperature=0.6, top_p=0.7, top_k=50,
+                     max_new_tokens=40, batch_size=48)
+    predicted = readout_scores(sampled.texts, sampled.expected, 2)["expected"]
+    return correlations(np.where(np.isfinite(predicted), predicted, 0.5), frame.score)["plcc"]
 
 
 @pytest.mark.slow
-def test_a_short_rapo_run_logs_rewards_and_saves_a_loadable_model(tmp_path, monkeypatch):
+def test_rapo_keeps_a_learned_visible_factor_and_logs_its_health(tmp_path, monkeypatch):
+    """The guard that RL works: on a testbed where the score is the image's brightness, SFT learns it,
+    and RAPO from that model raises its reward while the held-out PLCC rises or stays near its ceiling;
+    the run logs rewards, score health and completion tables, and saves a loadable model.
+
+    (With a learning rate of 1e-3 and two passes per rollout, RAPO took this testbed's PLCC from 0.58 to
+    -0.10: the test catches an RL update that destroys what SFT learned.)"""
+    import torch
     from test_policy import SMALL
 
     from aesr1.policy.backbone import BackboneConfig, PretrainConfig, backbone
+    from aesr1.policy.data import sft_dataset
     from aesr1.policy.generation import load_policy
-    from aesr1.policy.train import TrainConfig
-    from aesr1.policy.sft import HeldoutConfig
+    from aesr1.policy.probe import HeldoutConfig
+    from aesr1.policy.train import TrainConfig, fit, save_policy
     from aesr1.rl.grpo import GRPOParams, RLStageConfig, rl
     from aesr1.stage import Recorder
     from aesr1.tracking import stage_run
-    from conftest import write_jpeg
 
     backbone(BackboneConfig(out_dir=str(tmp_path / "backbone"), checkpoint_root=str(tmp_path / "ck"), tiny=SMALL,
                             pretrain=PretrainConfig(samples=8, train=TrainConfig(epochs=1, batch_size=8))),
              Recorder())
-    rows = [{"image_id": f"ava/{i}", "image_path": str(write_jpeg(tmp_path / f"{i}.jpg", 25 * i, 32)),
-             "score": i / 9, "dataset": "ava"} for i in range(8)]
-    pd.DataFrame(rows).to_parquet(tmp_path / "train.parquet")
-    cfg = RLStageConfig(model=str(tmp_path / "backbone"), train_manifest=str(tmp_path / "train.parquet"),
-                        test_manifest=str(tmp_path / "train.parquet"),
-                        heldout=HeldoutConfig(samples=4, datasets=["ava"], max_new_tokens=12),
+    (tmp_path / "img").mkdir()
+    train, heldout = exposure_testbed(tmp_path / "img", 160, 0), exposure_testbed(tmp_path / "img", 64, 1)
+    train.to_parquet(tmp_path / "train.parquet")
+    heldout.to_parquet(tmp_path / "test.parquet")
+
+    torch.manual_seed(0)
+    model, processor = load_policy(str(tmp_path / "backbone"))
+    sft_cfg = TrainConfig(epochs=14, learning_rate=3e-3, batch_size=16, freeze_vision=False, warmup=0.05,
+                          save_steps=10_000, logging_steps=50)
+    model, _ = fit(model, processor, sft_dataset(train, "trajectory"), sft_cfg, tmp_path / "ck" / "sft")
+    save_policy(model, processor, tmp_path / "sft", tmp_path / "ck" / "sft", log_model=False)
+    sft_plcc = expected_plcc(model, processor, heldout)
+    assert sft_plcc > 0.5, f"SFT did not learn the visible factor (held-out PLCC {sft_plcc:.2f})"
+
+    steps = 24
+    cfg = RLStageConfig(model=str(tmp_path / "sft"), train_manifest=str(tmp_path / "train.parquet"),
+                        test_manifest=str(tmp_path / "test.parquet"), balance_bands=True,
+                        heldout=HeldoutConfig(samples=8, datasets=["ava"], max_new_tokens=40),
                         out_dir=str(tmp_path / "rapo"), checkpoint_root=str(tmp_path / "ck"),
-                        grpo=GRPOParams(images_per_device=2, grad_accum=1, max_steps=3, learning_rate=1e-3,
-                                        max_completion_length=12, completions_table_every=2, save_steps=100,
-                                        num_iterations=2))
+                        grpo=GRPOParams(images_per_device=8, grad_accum=1, max_steps=steps, learning_rate=3e-4,
+                                        max_completion_length=40, completions_table_every=12, save_steps=100,
+                                        num_iterations=1, freeze_vision=True))
     monkeypatch.chdir(tmp_path)
     with stage_run("rl", {}, root=tmp_path) as run:
         metrics = rl(cfg, Recorder())
-    assert metrics["steps"] == 3 and metrics["completion_tables"] == 1
-    assert metrics["heldout"]["heldout_images"] == 4
+    assert metrics["steps"] == steps and metrics["completion_tables"] == 2
+    assert metrics["heldout"]["heldout_images"] == 8
     logged = mlflow.get_run(run.info.run_id).data.metrics
     for name in ("rewards/rank_reward/mean", "rewards/absolute_reward/mean", "rewards/format_reward/mean",
-                 "unparseable_rate", "entropy", "kl", "completions/mean_length"):
+                 "unparseable_rate", "band_share/fair", "score_std_between_images", "entropy", "kl",
+                 "completions/mean_length"):
         assert name in logged, name
     assert any(k.startswith("clip_ratio") for k in logged)
     table = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="completions")
     assert json.loads(next(iter(sorted(__import__("pathlib").Path(table).iterdir()))).read_text())["columns"]
-    model, _ = load_policy(str(tmp_path / "rapo"))
+    reward = pd.read_csv(tmp_path / "rapo" / "training_history.csv")["reward"].to_numpy()
+    third = steps // 3
+    assert reward[-third:].mean() > reward[:third].mean(), reward
+    model, processor = load_policy(str(tmp_path / "rapo"))
     assert type(model).__name__ == "Qwen2_5_VLForConditionalGeneration"
+    rapo_plcc = expected_plcc(model, processor, heldout)
+    print(f"held-out PLCC (expected readout): SFT {sft_plcc:.3f}, RAPO {rapo_plcc:.3f}")
+    assert rapo_plcc > sft_plcc + 0.02 or rapo_plcc > 0.85, (sft_plcc, rapo_plcc)
 
 
 def _rank_on_one_process(rank, world, port, rows, queue):

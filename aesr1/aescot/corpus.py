@@ -89,6 +89,7 @@ def _expectations(cfg: FilterStageConfig):
 
 def filter_corpus(cfg: FilterStageConfig, recorder: Recorder) -> dict:
     distilled = pd.read_parquet(cfg.distilled)
+    recorder.dataset(cfg.distilled, distilled, "training")
     errors = triage(distilled, cfg)
     flagged = errors.apply(lambda row: any(row[k] for k in KINDS), axis=1)
 

@@ -18,7 +18,8 @@ from pathlib import Path
 import pandas as pd
 
 from aesr1.aescot import claims, teachers
-from aesr1.aescot.teachers import TeacherConfig, make_teacher, prompt_id
+from aesr1.aescot.teachers import TeacherConfig, make_teacher
+from aesr1.prompts import prompt_id
 from aesr1.config import config
 from aesr1.errors import AesError
 from aesr1.stage import Recorder
@@ -55,6 +56,7 @@ def distill(cfg: DistillConfig, recorder: Recorder) -> dict:
     manifest = pd.read_parquet(cfg.train_manifest)
     if cfg.limit is not None:
         manifest = manifest.head(cfg.limit)
+    recorder.dataset(cfg.train_manifest, manifest, "training")
     manifest = manifest.assign(band=manifest["score"].map(band_of))
     teacher = make_teacher(cfg.teacher)
     pid = teacher_prompt_id(cfg.teacher.kind)

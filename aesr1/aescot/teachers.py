@@ -35,6 +35,7 @@ from aesr1.aescot.filters import FilterConfig, polarity
 from aesr1.aescot.measure import ImageStats, measure_file
 from aesr1.config import config
 from aesr1.errors import AesError
+from aesr1.prompts import prompt_id, template
 
 log = logging.getLogger("aesr1.distill")
 
@@ -43,16 +44,6 @@ BAND_DESCRIPTIONS = {
     "fair": "middling: it is in the middle of the range",
     "good": "strong: it is in the upper part of the range",
 }
-
-
-def template(name: str) -> str:
-    return resources.files("aesr1").joinpath("templates", name).read_text()
-
-
-def prompt_id(*names: str) -> str:
-    """Names and content hash of the prompt templates, e.g. ``teacher_system+teacher_user@3f2a9c1b``."""
-    digest = hashlib.sha256("\0".join(template(n) for n in names).encode()).hexdigest()[:12]
-    return "+".join(n.removesuffix(".txt") for n in names) + "@" + digest
 
 
 @config

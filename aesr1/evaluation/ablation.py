@@ -12,6 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from aesr1.evaluation.report import markdown_table
+from aesr1.errors import AesError
 
 # REFERENCE.md: (PLCC, SRCC) and starting entropy per setting
 PAPER = {
@@ -77,7 +78,7 @@ def findings(study: str, ours: pd.DataFrame) -> list[tuple[str, bool | None]]:
             ("too much SFT hurts RL (10 epochs below the best of 1 and 2, PLCC)",
              holds(v("1", "plcc"), v("2", "plcc"), v("10", "plcc"), lambda a, b, c: c < max(a, b))),
         ]
-    raise ValueError(f"unknown study {study!r}; known: {sorted(PAPER)}")
+    raise AesError(f"unknown study {study!r}; known: {sorted(PAPER)}")
 
 
 def write_ablation_report(study: str, ours: pd.DataFrame, out_dir: str | Path) -> tuple[Path, Path]:

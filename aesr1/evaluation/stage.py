@@ -37,12 +37,12 @@ from aesr1.aescot.claims import DIMENSION_WORDS, dimensions_addressed
 from aesr1.aescot.filters import FilterConfig, align_errors, fact_errors, leak_errors, polarity
 from aesr1.aescot.measure import measure_file
 from aesr1.config import config
+from aesr1.errors import AesError
 from aesr1.evaluation.plots import history_curves, histogram_plot, scatter_plot
 from aesr1.evaluation.report import write_report
 from aesr1.inference import DecodingConfig, PolicyScorer, critique_of, generate, image_scores, signature
 from aesr1.metrics import bootstrap_correlations, correlations, resample_indices
-from aesr1.policy.backbone import resolve_model
-from aesr1.policy.generation import load_policy
+from aesr1.policy.generation import load_policy, resolve_model
 from aesr1.stage import Recorder
 from aesr1.trajectory import band_of
 
@@ -282,20 +282,21 @@ def evaluate(cfg: EvaluateConfig, recorder: Recorder) -> dict:
     test = pd.read_parquet(cfg.test_manifest)
     missing = sorted(set(cfg.test_sets) - set(test.dataset))
     if missing:
-        raise ValueError(f"test sets {missing} are not in {cfg.test_manifest} (it has {sorted(set(test.dataset))})")
+        raise AesError(f"test sets {missing} are not in {cfg.test_manifest} (it has {sorted(set(test.dataset))})")
     test = test[test.dataset.isin(cfg.test_sets)].sort_values("image_id")
     if cfg.max_per_test_set:
         shuffled = test.sample(frac=1.0, random_state=cfg.decoding.seed)
         test = shuffled[shuffled.groupby("dataset").cumcount() < cfg.max_per_test_set].sort_values("image_id")
+    recorder.dataset(cfg.test_manifest, test, "evaluation")
     measures = {p: measure_file(p) for p in test.image_path.unique()}
     ceilings = noise_ceilings(test, cfg.latent_scores)
 
     unknown = sorted(set(cfg.only or []) - set(cfg.models))
     if unknown:
-        raise ValueError(f"evaluate.only names {unknown}, which evaluate.models does not define")
+        raise AesError(f"evaluate.only names {unknown}, which evaluate.models does not define")
     chosen = {name: path for name, path in cfg.models.items() if cfg.only is None or name in cfg.only}
     if cfg.register.model and cfg.register.model not in chosen:
-        raise ValueError(f"evaluate.register.model '{cfg.register.model}' is not among the evaluated models")
+        raise AesError(f"evaluate.register.model '{cfg.register.model}' is not among the evaluated models")
     metrics: dict = {}
     frames = []
     for name, path in chosen.items():
@@ -335,7 +336,7 @@ def register(cfg: EvaluateConfig, average: dict) -> str:
 
     source = Path(cfg.models[cfg.register.model])
     if not (source / "config.json").is_file():
-        raise ValueError(f"only a saved model folder can be registered; {source} has no config.json")
+        raise AesError(f"only a saved model folder can be registered; {source} has no config.json")
     requirements = [f"{dist}=={importlib.metadata.version(dist)}" for dist in
                     ("torch", "transformers", "mlflow", "pandas", "numpy", "pillow", "scipy", "datasets",
                      "pydantic", "httpx", "pyyaml")]

@@ -9,7 +9,7 @@ pretrained MLLM that has never learned aesthetics. It is saved with ``save_pretr
 so later stages load it exactly like a downloaded model.
 
 For a real backbone nothing is built or copied: the stage checks that the model's config
-and processor load and writes ``backbone.json`` pointing at it (:func:`resolve_model`).
+and processor load and writes ``backbone.json`` pointing at it (``aesr1.policy.generation.resolve_model``).
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from aesr1.aescot.measure import ImageStats, measure
 from aesr1.config import config
 from aesr1.data.render import STYLES, Grid, render
 from aesr1.policy.data import policy_prompt, sft_dataset
+from aesr1.policy.generation import POINTER
 from aesr1.policy.train import TrainConfig, fit, finish, run_fingerprint
 from aesr1.trajectory import make_trajectory
 
@@ -43,7 +44,6 @@ log = logging.getLogger("aesr1.backbone")
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   "<|image_pad|>", "<|video_pad|>"]
-POINTER = "backbone.json"
 DESCRIBE_PROMPT = "Describe this image: its colours, brightness, shapes and layout."
 
 
@@ -80,14 +80,6 @@ class BackboneConfig:
     checkpoint_root: str = "data/checkpoints"
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
-
-
-def resolve_model(path: str | Path) -> str:
-    """What to load for a model folder: itself, or the model its ``backbone.json`` points at."""
-    pointer = Path(path) / POINTER
-    if pointer.is_file():
-        return json.loads(pointer.read_text())["name_or_path"]
-    return str(path)
 
 
 # ---------------------------------------------------------------- descriptions
@@ -243,7 +235,8 @@ def backbone(cfg: BackboneConfig, recorder: Recorder) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         images = pretraining_images(cfg.pretrain, cfg.tiny.image_size, Path(tmp))
         dataset = sft_dataset(images, "description", prompt_text=DESCRIBE_PROMPT)
-        model, state = fit(model, processor, dataset, cfg.pretrain.train, checkpoints, report_to=["mlflow"])
+        model, state = fit(model, processor, dataset, cfg.pretrain.train, checkpoints, report_to=["mlflow"],
+                           progress_name="pretrain")
     model.save_pretrained(out)
     processor.save_pretrained(out)
     finish(checkpoints)

@@ -7,7 +7,7 @@ from functools import lru_cache
 import pandas as pd
 from datasets import Dataset, Features, Image, List, Value
 
-from aesr1.aescot.teachers import template
+from aesr1.prompts import template
 
 
 @lru_cache(maxsize=None)

@@ -6,9 +6,11 @@ Qwen2.5-VL-7B from the hub load through the same ``Auto*`` classes.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -17,6 +19,17 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from aesr1.policy.data import prompt_messages
+
+
+POINTER = "backbone.json"  # a backbone folder that names a hub model or a folder instead of holding one
+
+
+def resolve_model(path: str | Path) -> str:
+    """What to load for a model folder: itself, or the model its ``backbone.json`` points at."""
+    pointer = Path(path) / POINTER
+    if pointer.is_file():
+        return json.loads(pointer.read_text())["name_or_path"]
+    return str(path)
 
 
 def load_policy(name_or_path: str, dtype: str = "auto", device: str | None = None):

@@ -13,33 +13,18 @@ from dataclasses import field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
 import pandas as pd
 
 from aesr1.config import config
-from aesr1.metrics import correlations
-from aesr1.policy.backbone import resolve_model
 from aesr1.policy.data import sft_dataset
-from aesr1.policy.generation import load_policy, sample
+from aesr1.policy.generation import load_policy, resolve_model
+from aesr1.policy.probe import HeldoutConfig, heldout_images, probe
 from aesr1.policy.train import TrainConfig, fit, run_fingerprint, save_policy
-from aesr1.trajectory import parse_score
 
 if TYPE_CHECKING:  # the model code runs without MLflow too (benchmarks on a bare GPU machine)
     from aesr1.stage import Recorder
 
 log = logging.getLogger("aesr1.sft")
-
-
-@config
-class HeldoutConfig:
-    """Sampling on held-out images after training (starting entropy, format, correlations)."""
-
-    samples: int = 200
-    datasets: list[str] = field(default_factory=lambda: ["ava", "tad66k", "flickr_aes"])
-    temperature: float = 1.0  # the RL temperature
-    max_new_tokens: int = 512
-    batch_size: int = 32
-    seed: int = 0
 
 
 @config
@@ -56,26 +41,9 @@ class SFTStageConfig:
     heldout: HeldoutConfig = field(default_factory=HeldoutConfig)
 
 
-def heldout_images(test_manifest: str, cfg: HeldoutConfig) -> pd.DataFrame:
-    test = pd.read_parquet(test_manifest)
-    pool = test[test.dataset.isin(cfg.datasets)].sort_values("image_id")
-    return pool.sample(min(cfg.samples, len(pool)), random_state=cfg.seed)
-
-
-def probe(model, processor, images: pd.DataFrame, cfg: HeldoutConfig) -> tuple[dict, pd.DataFrame]:
-    """Sample one completion per image at the RL temperature: token entropy, format-valid rate, correlations."""
-    sampled = sample(model, processor, list(images.image_path), n=1, temperature=cfg.temperature,
-                     max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
-    preds = np.array([parse_score(t) for t in sampled.texts])
-    metrics = {"entropy": sampled.entropy, "format_valid_rate": float(np.isfinite(preds).mean()),
-               "heldout_images": len(images), **correlations(preds, images.score)}
-    metrics.pop("n")
-    table = images[["image_id", "score"]].assign(completion=sampled.texts, predicted=preds)
-    return metrics, table
-
-
 def sft(cfg: SFTStageConfig, recorder: Recorder) -> dict:
     corpus = pd.read_parquet(cfg.corpus)
+    recorder.dataset(cfg.corpus, corpus, "training")
     source = resolve_model(cfg.model)
     model, processor = load_policy(source)
     dataset = sft_dataset(corpus, "trajectory")

@@ -8,12 +8,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import shutil
+import time
 from pathlib import Path
 from typing import Literal
 
 import torch
 from datasets import Dataset
+from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from aesr1.config import config
@@ -75,8 +78,49 @@ def run_fingerprint(*parts: object) -> str:
     return hashlib.sha256(json.dumps([str(p) for p in parts]).encode()).hexdigest()[:12]
 
 
+class StepProgress(TrainerCallback):
+    """One log line per logging step on the main process: step/total, loss or reward, time left.
+
+    It replaces the Trainer's tqdm bar, which garbles the captured logs of `dvc repro` and Prefect.
+    """
+
+    def __init__(self, name: str):
+        self.name = name
+        self.started = 0.0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started = time.monotonic()
+        self.first_step = state.global_step  # a resumed run counts its speed from here
+        return control
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs or "loss" not in logs:
+            return control
+        done = state.global_step - self.first_step
+        elapsed = time.monotonic() - self.started
+        left = elapsed / done * (state.max_steps - state.global_step) if done else math.nan
+        figures = " ".join(f"{k} {logs[k]:.4g}" for k in ("loss", "reward", "kl") if k in logs)
+        log.info("%s step %d/%d (%.0f%%) %s | %s elapsed, ~%s left", self.name, state.global_step, state.max_steps,
+                 100 * state.global_step / max(state.max_steps, 1), figures, clock(elapsed), clock(left))
+        return control
+
+
+def quiet(trainer) -> None:
+    """Drop the Trainer's raw dict printing: StepProgress says the same in one readable line."""
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)
+
+
+def clock(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes}m{secs:02d}s"
+
+
 def fit(model, processor, dataset: Dataset, cfg: TrainConfig, checkpoint_dir: Path,
-        report_to: list[str] | None = None, callbacks: list | None = None):
+        report_to: list[str] | None = None, callbacks: list | None = None, progress_name: str = "sft"):
     """Train with SFTTrainer (loss on the completion only); resume from the last checkpoint if any.
 
     Returns the trained model (LoRA merged if ``cfg.merge_lora``) and the trainer's state.
@@ -98,10 +142,11 @@ def fit(model, processor, dataset: Dataset, cfg: TrainConfig, checkpoint_dir: Pa
         max_length=cfg.max_length, logging_steps=cfg.logging_steps, save_strategy="steps", save_steps=cfg.save_steps,
         save_total_limit=1, seed=cfg.seed, report_to=report_to or [],
         gradient_checkpointing=cfg.gradient_checkpointing, completion_only_loss=True,
-        dataloader_num_workers=0, disable_tqdm=True,
+        dataloader_num_workers=0, disable_tqdm=True,  # StepProgress logs instead
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=processor,
-                         peft_config=peft_config, callbacks=callbacks)
+                         peft_config=peft_config, callbacks=[StepProgress(progress_name), *(callbacks or [])])
+    quiet(trainer)
     last = get_last_checkpoint(str(checkpoint_dir)) if checkpoint_dir.is_dir() else None
     if last:
         log.info("resuming from %s", last)

@@ -25,31 +25,18 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from aesr1.config import config
-from aesr1.policy.backbone import resolve_model
 from aesr1.policy.data import prompt_messages
-from aesr1.policy.generation import load_policy
-from aesr1.policy.sft import HeldoutConfig, heldout_images, probe
-from aesr1.policy.train import LORA_TARGETS, freeze_vision, restore_weights, run_fingerprint, save_policy
-from aesr1.rl.reward_funcs import completion_text, make_reward_funcs, rewards_for_mode
+from aesr1.policy.generation import load_policy, resolve_model
+from aesr1.policy.probe import HeldoutConfig, heldout_images, probe
+from aesr1.policy.train import (LORA_TARGETS, StepProgress, freeze_vision, quiet, restore_weights, run_fingerprint,
+                                save_policy)
+from aesr1.rl.reward_funcs import RewardConfig, completion_text, make_reward_funcs, rewards_for_mode
 from aesr1.trajectory import band_of, parse_score
 
 if TYPE_CHECKING:  # the trainer runs without MLflow too (benchmarks/rl.py on a bare GPU machine)
     from aesr1.stage import Recorder
 
 log = logging.getLogger("aesr1.rl")
-
-
-@config
-class RewardConfig:
-    mode: Literal["binary", "error", "rank", "binary+rank", "error+rank"] = "error+rank"
-    relative_weight: float = 0.5  # the paper's best relative:absolute is 0.5:0.5
-    absolute_weight: float = 0.5
-    format_weight: float = 1.0
-    sigma: float = 0.1
-    eps: float = 1e-5
-    gamma: float = 1e-6
-    ties: Literal["ge", "half"] = "ge"
-    binary_threshold: float = 0.0875  # Q-Insight's 0.35 on a 1-5 scale, on [0, 1]
 
 
 @config
@@ -115,29 +102,42 @@ def rl_dataset(frame: pd.DataFrame) -> Dataset:
 
 
 class CompletionTables(TrainerCallback):
-    """Every N steps, log the latest completions with their parsed score and rewards to MLflow."""
+    """Every N steps, log that step's completions with their parsed score, rewards and advantage to MLflow.
+
+    trl (``log_completions``) writes each logging step's completions to
+    ``<output_dir>/completions/completions_<step>.parquet``; this copies every N-th into an MLflow table.
+    """
 
     def __init__(self, every: int):
         self.every = every
-        self.trainer = None
         self.logged: list[int] = []
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.trainer is None or not state.is_world_process_zero or state.global_step % self.every:
-            return control
-        logs = self.trainer._logs  # trl keeps the last generation batch here for its own log_completions
-        if not logs["completion"]:
-            return control
+        self.log_written(args, state)  # trl writes a step's file after this hook: the earlier steps' are there
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.log_written(args, state)
+        return control
+
+    def log_written(self, args, state) -> None:
+        if not state.is_world_process_zero:
+            return
         import mlflow
 
-        texts = [completion_text(c) for c in logs["completion"]]
-        table = pd.DataFrame({"step": state.global_step, "completion": texts,
-                              "parsed_score": [parse_score(t.strip()) for t in texts],
-                              **{f"reward_{k}": list(v) for k, v in logs["rewards"].items()},
-                              "advantage": list(logs["advantages"])})
-        mlflow.log_table(table, artifact_file=f"completions/step_{state.global_step:06d}.json")
-        self.logged.append(state.global_step)
-        return control
+        for path in sorted((Path(args.output_dir) / "completions").glob("completions_*.parquet")):
+            step = int(path.stem.split("_")[-1])
+            if step % self.every or step in self.logged:
+                continue
+            written = pd.read_parquet(path)
+            texts = [completion_text(c) for c in written["completion"]]
+            rewards = [c for c in written.columns if c.endswith("_reward")]
+            table = pd.DataFrame({"step": step, "completion": texts,
+                                  "parsed_score": [parse_score(t.strip()) for t in texts],
+                                  **{f"reward_{c.removesuffix('_reward')}": written[c] for c in rewards},
+                                  "advantage": written["advantage"]})
+            mlflow.log_table(table, artifact_file=f"completions/step_{step:06d}.json")
+            self.logged.append(step)
 
 
 def grpo_config(cfg: RLStageConfig, checkpoints: Path, reward_weights: list[float], report_to: list[str]):
@@ -156,6 +156,7 @@ def grpo_config(cfg: RLStageConfig, checkpoints: Path, reward_weights: list[floa
         gradient_checkpointing=g.gradient_checkpointing, use_vllm=g.use_vllm, vllm_mode=g.vllm_mode,
         logging_steps=g.logging_steps, save_strategy="steps", save_steps=g.save_steps, save_total_limit=1,
         report_to=report_to, disable_tqdm=True, dataloader_num_workers=0, shuffle_dataset=True,
+        log_completions=True, num_completions_to_print=0, log_multimodal=False,  # files for CompletionTables
     )
 
 
@@ -185,11 +186,8 @@ def build_trainer(cfg: RLStageConfig, report_to: list[str], callbacks: list) -> 
     model, processor = load_policy(resolve_model(cfg.model))
     if cfg.grpo.freeze_vision:
         freeze_vision(model)
-    names, weights = rewards_for_mode(cfg.rewards.mode, cfg.rewards.relative_weight, cfg.rewards.absolute_weight,
-                                      cfg.rewards.format_weight)
-    r = cfg.rewards
-    reward_funcs = make_reward_funcs(names, sigma=r.sigma, eps=r.eps, gamma=r.gamma, ties=r.ties,
-                                     binary_threshold=r.binary_threshold)
+    names, weights = rewards_for_mode(cfg.rewards)
+    reward_funcs = make_reward_funcs(names, cfg.rewards)
     checkpoints = Path(cfg.checkpoint_root) / f"rl-{run_fingerprint(cfg, len(train), train.image_id.iloc[0])}"
     peft_config = None
     if cfg.grpo.mode == "lora":
@@ -206,8 +204,10 @@ def build_trainer(cfg: RLStageConfig, report_to: list[str], callbacks: list) -> 
 
 def rl(cfg: RLStageConfig, recorder: Recorder) -> dict:
     tables = CompletionTables(cfg.grpo.completions_table_every)
-    trainer, processor, train, names, weights, checkpoints = build_trainer(cfg, ["mlflow"], [tables])
-    tables.trainer = trainer
+    trainer, processor, train, names, weights, checkpoints = build_trainer(cfg, ["mlflow"],
+                                                                           [tables, StepProgress("rl")])
+    quiet(trainer)
+    recorder.dataset(cfg.train_manifest, train, "training")  # the images RL prompts with
     recorder.param("rapo.reward_functions", ",".join(names))
     recorder.param("rapo.reward_weights", ",".join(map(str, weights)))
     last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
