@@ -36,7 +36,8 @@ def _describe(result) -> str:
     info = result.result or {}
     seen = info.get("observed_value")
     examples = info.get("partial_unexpected_list")
-    detail = f"observed {seen!r}" if seen is not None else f"{info.get('unexpected_count')} unexpected, e.g. {examples[:5]!r}"
+    detail = (f"observed {seen!r}" if seen is not None
+              else f"{info.get('unexpected_count')} unexpected, e.g. {examples[:5]!r}")
     return f"{cfg.type}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())}): {detail}"
 
 

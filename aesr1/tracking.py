@@ -118,7 +118,8 @@ def alive(process_tag: str) -> bool:
 def mark_killed_runs(client: MlflowClient, experiment_id: str) -> list[str]:
     """Mark KILLED the stage runs still RUNNING whose process on this host is gone (killed mid-run)."""
     found = client.search_runs([experiment_id], filter_string=(
-        f"attributes.status = 'RUNNING' and tags.`{ROLE_TAG}` = 'stage' and tags.`{HOST_TAG}` = '{socket.gethostname()}'"))
+        f"attributes.status = 'RUNNING' and tags.`{ROLE_TAG}` = 'stage' "
+        f"and tags.`{HOST_TAG}` = '{socket.gethostname()}'"))
     killed = [r.info.run_id for r in found if PROCESS_TAG in r.data.tags and not alive(r.data.tags[PROCESS_TAG])]
     for run_id in killed:
         client.set_terminated(run_id, status="KILLED")

@@ -20,7 +20,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from chat_server import ChatServer  # noqa: E402
 
-from aesr1.aescot.teachers import OpenAITeacher, TeacherConfig  # noqa: E402
+from aesr1.aescot.teachers import OpenAITeacher, OpenAITeacherConfig  # noqa: E402
 
 
 def main() -> None:
@@ -38,7 +38,7 @@ def main() -> None:
             items.append((f"img/{i}", str(path), "fair"))
         rates = {}
         for concurrency in (1, 16):
-            cfg = TeacherConfig(kind="openai", base_url=server.url, model="bench", api_key_env="AESR1_BENCH_KEY",
+            cfg = OpenAITeacherConfig(base_url=server.url, model="bench", api_key_env="AESR1_BENCH_KEY",
                                 concurrency=concurrency, cache_dir=str(Path(tmp) / f"cache{concurrency}"))
             start = time.perf_counter()
             results = OpenAITeacher(cfg).critique_many(items)

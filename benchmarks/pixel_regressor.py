@@ -20,9 +20,9 @@ import torch
 from PIL import Image
 from torch import nn
 
+from aesr1.config import load_section
+from aesr1.evaluation.stage import EvaluateConfig
 from aesr1.metrics import correlations
-
-IN_DOMAIN = ("ava", "tad66k", "flickr_aes")
 
 
 def pixels(paths, size: int) -> torch.Tensor:
@@ -52,7 +52,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--params", default="params.yaml", help="its evaluate.in_domain splits the averages")
     args = parser.parse_args()
+    in_domain = load_section(args.params, "evaluate", EvaluateConfig).in_domain
     torch.manual_seed(args.seed)
     train, test = pd.read_parquet(args.train), pd.read_parquet(args.test)
     start = time.perf_counter()
@@ -84,7 +86,7 @@ def main() -> None:
     print(f"\npixel regressor (small CNN, {len(fit)} training images, {args.epochs} epochs, best held-out PLCC "
           f"{best:.3f}, {time.perf_counter() - start:.0f} s)")
     print(table.round(3).to_string())
-    inside = table.index.isin(IN_DOMAIN)
+    inside = table.index.isin(in_domain)
     for name, mask in (("in-domain", inside), ("out-of-domain", ~inside), ("all five", inside | ~inside)):
         if mask.any():
             print(f"{name} average: PLCC {table.plcc[mask].mean():.3f}, SRCC {table.srcc[mask].mean():.3f}")

@@ -1,10 +1,10 @@
 """Each native format on small hand-written files, including every kind of bad input."""
 
 import pytest
+from conftest import write_jpeg
 
 from aesr1.data.adapters import AnnotationError
 from aesr1.data.ingest import SourceConfig, collect_source
-from conftest import write_jpeg
 
 
 def collect(tmp_path, fmt, files, image_root, scale, **extra):

@@ -13,7 +13,7 @@ from aesr1.aescot.corpus import FilterStageConfig, filter_corpus
 from aesr1.aescot.distill import DistillConfig, distill
 from aesr1.aescot.filters import FilterConfig, align_errors, check, fact_errors, leak_errors
 from aesr1.aescot.measure import measure, measure_file
-from aesr1.aescot.teachers import AnalyticTeacher, TeacherConfig
+from aesr1.aescot.teachers import AnalyticTeacher, AnalyticTeacherConfig
 from aesr1.data.synth import SplitSize, SynthConfig, generate
 from aesr1.stage import Recorder
 from aesr1.trajectory import band_of, make_trajectory, parse_score
@@ -108,7 +108,7 @@ def synth_train(tmp_path_factory):
 
 def test_analytic_teacher_output_passes_fact_and_leak_filters(synth_train):
     manifest = pd.read_parquet(synth_train / "train.parquet")
-    teacher = AnalyticTeacher(TeacherConfig())
+    teacher = AnalyticTeacher(AnalyticTeacherConfig())
     counts = {"leak": 0, "align": 0, "fact": 0}
     critiques = []
     for row in manifest.itertuples():
@@ -122,13 +122,14 @@ def test_analytic_teacher_output_passes_fact_and_leak_filters(synth_train):
     assert len(set(critiques)) > 0.9 * len(critiques)  # varied wording, not one sentence per case
     # deterministic for a seed
     first = manifest.iloc[0]
-    again = AnalyticTeacher(TeacherConfig()).critique(first.image_path, band_of(first.score), first.image_id).text
+    again = AnalyticTeacher(AnalyticTeacherConfig()).critique(first.image_path, band_of(first.score),
+                                                              first.image_id).text
     assert again == critiques[0]
 
 
 def test_inverted_claims_are_caught_by_the_fact_filter(synth_train):
     manifest = pd.read_parquet(synth_train / "train.parquet")
-    teacher = AnalyticTeacher(TeacherConfig())
+    teacher = AnalyticTeacher(AnalyticTeacherConfig())
     inverted_total, caught = 0, 0
     for row in manifest.itertuples():
         stats = measure_file(row.image_path)

@@ -4,11 +4,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import REPO
 
 from aesr1 import cli
 from aesr1.cli import STAGES, main
 from aesr1.tracking import pipeline_id, project_root
-from conftest import REPO
 
 
 def test_every_dvc_stage_has_a_subcommand_with_help():

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import write_jpeg
 
 from aesr1.aescot.measure import ImageStats
 from aesr1.errors import AesError
@@ -16,7 +17,6 @@ from aesr1.evaluation.stage import critique_quality, noise_ceilings, score_metri
 from aesr1.inference import decode_image, image_files, image_scores
 from aesr1.stage import write_metrics
 from aesr1.trajectory import make_trajectory
-from conftest import write_jpeg
 
 
 def test_unparseable_outputs_get_the_documented_score_and_are_counted():
@@ -104,7 +104,8 @@ def test_metrics_file_is_strict_json_and_the_report_has_the_main_table(tmp_path)
     assert loaded["rapo"]["ava"]["srcc"] is None
     write_report(tmp_path / "report.md", {"rapo": result}, {}, ["ava"], {"rapo": ("Aes-R1", 0.6337, 0.6186)})
     report = (tmp_path / "report.md").read_text()
-    assert "| rapo | 0.500 / - | **0.500 / -** |" in report and "| rapo | 0.500 | - | Aes-R1 | 0.634 | 0.619 |" in report
+    assert "| rapo | 0.500 / - | **0.500 / -** |" in report
+    assert "| rapo | 0.500 | - | Aes-R1 | 0.634 | 0.619 |" in report
 
 
 def test_rl_curves_keep_the_steps_that_logged_rewards():
@@ -130,7 +131,7 @@ def test_score_inputs_are_files_folders_or_base64(tmp_path):
         decode_image(str(tmp_path / "broken.jpg"))
 
 
-def _digit_logits(steps: int, **at: dict[int, float]) -> "torch.Tensor":
+def _digit_logits(steps: int, **at: dict[int, float]):
     import torch
 
     logits = torch.full((steps, 10), -30.0)

@@ -9,12 +9,12 @@ import mlflow
 import pandas as pd
 import pytest
 import yaml
+from conftest import REPO
 
 from aesr1.checks import DataCheckError, validate
 from aesr1.data.ingest import IngestConfig, IngestError, ingest, mix_quotas
 from aesr1.data.synth import LATENT_FILE, POPULATIONS, SplitSize, SynthConfig, generate
 from aesr1.stage import Recorder, run_stage
-from conftest import REPO
 
 SMALL = {"ava": SplitSize(60, 20), "tad66k": SplitSize(60, 20), "flickr_aes": SplitSize(30, 20),
          "para": SplitSize(0, 20), "aadb": SplitSize(0, 20)}

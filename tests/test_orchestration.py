@@ -14,7 +14,6 @@ import mlflow
 import psutil
 import pytest
 import yaml
-
 from conftest import cli_env, repo_copy, run, shrink_params, with_venv
 
 pytestmark = pytest.mark.slow

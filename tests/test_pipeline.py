@@ -5,7 +5,6 @@ import json
 import os
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,7 +13,6 @@ import mlflow
 import pandas as pd
 import pytest
 import yaml
-
 from conftest import REPO, cli_env, repo_copy, run, shrink_params, with_venv
 
 from aesr1.errors import AesError

@@ -6,6 +6,7 @@ import math
 import pandas as pd
 import pytest
 import torch
+from conftest import write_jpeg
 from transformers import TrainerCallback
 
 from aesr1.policy.backbone import BackboneConfig, PretrainConfig, TinyModelConfig, backbone, build_tiny, build_tokenizer
@@ -14,7 +15,6 @@ from aesr1.policy.generation import load_policy, resolve_model, sample, token_en
 from aesr1.policy.train import TrainConfig, fit
 from aesr1.stage import Recorder
 from aesr1.trajectory import make_trajectory, parse_score
-from conftest import write_jpeg
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -26,7 +26,8 @@ SMALL = TinyModelConfig(vocab_size=600, hidden_size=64, layers=2, heads=4, kv_he
 def tiny_backbone(tmp_path_factory):
     root = tmp_path_factory.mktemp("backbone")
     cfg = BackboneConfig(out_dir=str(root / "backbone"), checkpoint_root=str(root / "ck"), tiny=SMALL,
-                         pretrain=PretrainConfig(samples=24, train=TrainConfig(epochs=1, learning_rate=2e-3, logging_steps=1,
+                         pretrain=PretrainConfig(samples=24, train=TrainConfig(epochs=1, learning_rate=2e-3,
+                                                                               logging_steps=1,
                                                                                batch_size=8, freeze_vision=False)))
     metrics = backbone(cfg, Recorder())
     return root / "backbone", metrics
@@ -88,8 +89,8 @@ def test_sft_lowers_the_loss_and_writes_a_loadable_model(tmp_path, tiny_backbone
     folder, _ = tiny_backbone
     model, processor = load_policy(str(folder))
     vision_before = {n: p.clone() for n, p in model.named_parameters() if ".visual." in f".{n}"}
-    cfg = TrainConfig(mode=mode, epochs=4, learning_rate=5e-3, batch_size=4, freeze_vision=True, lora_r=8, logging_steps=1,
-                      save_steps=1000)
+    cfg = TrainConfig(mode=mode, epochs=4, learning_rate=5e-3, batch_size=4, freeze_vision=True, lora_r=8,
+                      logging_steps=1, save_steps=1000)
     trained, state = fit(model, processor, sft_dataset(trajectories, "trajectory"), cfg, tmp_path / "ck")
     losses = [h["loss"] for h in state.log_history if "loss" in h]
     assert losses[-1] < losses[0]

@@ -37,7 +37,7 @@ def test_reward_functions_match_the_core_on_a_shuffled_batch():
     absolute = abs_fn(**kwargs)
     # the core on the same data, in image order; row order within a group does not matter to the core
     core_rank, core_abs = rapo_rewards(pred, gt)
-    for (image, i, j), r, a in zip(rows, rank, absolute):
+    for (_, i, j), r, a in zip(rows, rank, absolute):
         assert r == pytest.approx(core_rank[i, j]) and a == pytest.approx(core_abs[i, j])
     logged = {}
     assert format_fn(**kwargs, log_metric=lambda name, value: logged.setdefault(name, value)) == [
@@ -166,7 +166,7 @@ def test_rapo_keeps_a_learned_visible_factor_and_logs_its_health(tmp_path, monke
     sft_cfg = TrainConfig(epochs=14, learning_rate=3e-3, batch_size=16, freeze_vision=False, warmup=0.05,
                           save_steps=10_000, logging_steps=50)
     model, _ = fit(model, processor, sft_dataset(train, "trajectory"), sft_cfg, tmp_path / "ck" / "sft")
-    save_policy(model, processor, tmp_path / "sft", tmp_path / "ck" / "sft", log_model=False)
+    save_policy(model, processor, tmp_path / "sft", log_model=False)
     sft_plcc = expected_plcc(model, processor, heldout)
     assert sft_plcc > 0.5, f"SFT did not learn the visible factor (held-out PLCC {sft_plcc:.2f})"
 

@@ -9,8 +9,16 @@ from mlflow.tracking import MlflowClient
 
 from aesr1.config import config
 from aesr1.stage import Recorder, run_stage
-from aesr1.tracking import (EXPERIMENT, HOST_TAG, PROCESS_TAG, ROLE_TAG, STAGE_TAG, ensure_experiment, stage_run,
-                            tracking_uri)
+from aesr1.tracking import (
+    EXPERIMENT,
+    HOST_TAG,
+    PROCESS_TAG,
+    ROLE_TAG,
+    STAGE_TAG,
+    ensure_experiment,
+    stage_run,
+    tracking_uri,
+)
 
 
 @config
@@ -49,7 +57,8 @@ def test_a_stage_run_carries_commit_code_params_and_dataset_lineage(tmp_path, mo
                                                    "aesr1/stage.py", "aesr1/tracking.py"]
     assert len(tags["aesr1.code_md5"]) == 32 and len(tags["aesr1.params_md5"]) == 32
     (dataset,) = stage.inputs.dataset_inputs
-    assert dataset.dataset.name == "manifest.parquet" and (tmp_path / "manifest.parquet").as_uri() in dataset.dataset.source
+    assert dataset.dataset.name == "manifest.parquet"
+    assert (tmp_path / "manifest.parquet").as_uri() in dataset.dataset.source
     assert dataset.tags[0].value == "training" and dataset.dataset.digest
     (pipeline,) = client.search_runs([experiment.experiment_id], f"tags.`{ROLE_TAG}` = 'pipeline'")
     assert commit[:7] in pipeline.info.run_name and "+dirty" not in pipeline.info.run_name

@@ -8,8 +8,6 @@ are written with their reason to ``distill_failures.parquet``.
 
 from __future__ import annotations
 
-import hashlib
-import inspect
 import logging
 from collections import Counter
 from dataclasses import field
@@ -17,9 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from aesr1.aescot import claims, teachers
-from aesr1.aescot.teachers import TeacherConfig, make_teacher
-from aesr1.prompts import prompt_id
+from aesr1.aescot.teachers import AnalyticTeacherConfig, TeacherConfig, make_teacher
 from aesr1.config import config
 from aesr1.errors import AesError
 from aesr1.stage import Recorder
@@ -34,22 +30,13 @@ class DistillConfig:
 
     train_manifest: str = "data/ingest/train.parquet"
     out_dir: str = "data/aescot"
-    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    teacher: TeacherConfig = field(default_factory=AnalyticTeacherConfig)  # one typed config per kind
     limit: int | None = None  # distil only the first N samples (a cheap trial with a paid teacher)
     max_failure_rate: float = 0.05
 
 
 class DistillError(AesError):
     """Too many samples could not be critiqued."""
-
-
-def teacher_prompt_id(kind: str) -> str:
-    """What identifies the teacher's instructions: the templates' hash, or the analytic rules' source hash."""
-    if kind == "analytic":
-        source = inspect.getsource(claims) + inspect.getsource(teachers.AnalyticTeacher) + repr(teachers._NEUTRAL) \
-            + repr(teachers._VERDICTS)
-        return "analytic-rules@" + hashlib.sha256(source.encode()).hexdigest()[:12]
-    return prompt_id("teacher_system.txt", "teacher_user.txt")
 
 
 def distill(cfg: DistillConfig, recorder: Recorder) -> dict:
@@ -59,8 +46,7 @@ def distill(cfg: DistillConfig, recorder: Recorder) -> dict:
     recorder.dataset(cfg.train_manifest, manifest, "training")
     manifest = manifest.assign(band=manifest["score"].map(band_of))
     teacher = make_teacher(cfg.teacher)
-    pid = teacher_prompt_id(cfg.teacher.kind)
-    teacher_id = "analytic" if cfg.teacher.kind == "analytic" else f"openai:{cfg.teacher.model}"
+    pid, teacher_id = teacher.prompt_id, teacher.teacher_id
     recorder.param("prompt_id", pid)
     recorder.param("teacher_id", teacher_id)
 

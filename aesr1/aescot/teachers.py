@@ -17,6 +17,7 @@ import asyncio
 import base64
 import email.utils
 import hashlib
+import inspect
 import io
 import json
 import logging
@@ -25,11 +26,13 @@ import random
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from importlib import resources
 from pathlib import Path
+from typing import Annotated, Literal
 
 from PIL import Image, ImageOps
+from pydantic import Field
 
+from aesr1.aescot import claims
 from aesr1.aescot.claims import CLAIMS, DIMENSIONS, Claim
 from aesr1.aescot.filters import FilterConfig, polarity
 from aesr1.aescot.measure import ImageStats, measure_file
@@ -47,11 +50,18 @@ BAND_DESCRIPTIONS = {
 
 
 @config
-class TeacherConfig:
-    """Params ``distill.teacher``."""
+class AnalyticTeacherConfig:
+    """Params ``distill.teacher`` with ``kind: analytic``: the offline teacher of the embedded default."""
 
-    kind: str = "analytic"  # analytic | openai
+    kind: Literal["analytic"] = "analytic"
     seed: int = 0
+
+
+@config
+class OpenAITeacherConfig:
+    """Params ``distill.teacher`` with ``kind: openai``: any OpenAI-compatible chat-completions endpoint."""
+
+    kind: Literal["openai"] = "openai"
     base_url: str = "https://api.openai.com/v1"
     model: str = "gpt-4.1"
     api_key_env: str = "OPENAI_API_KEY"
@@ -68,6 +78,10 @@ class TeacherConfig:
     requests_per_minute: float | None = None  # the endpoint's rate tier, retries included; None: unlimited
     tokens_per_minute: float | None = None  # prompt + completion tokens; None: unlimited
     max_image_side: int | None = 1024  # longer images are downscaled before upload; None: send the file as is
+
+
+# One typed config per teacher kind, told apart by ``kind``; TEACHERS maps each kind to its class.
+TeacherConfig = Annotated[AnalyticTeacherConfig | OpenAITeacherConfig, Field(discriminator="kind")]
 
 
 @dataclass
@@ -95,7 +109,8 @@ _NEUTRAL = {
     },
     "fair": {
         "lighting": ("the lighting is serviceable but unremarkable", "the light does its job without much character"),
-        "emotion & narrative": ("the mood is present but faint", "the scene hints at a story without quite telling one"),
+        "emotion & narrative": ("the mood is present but faint",
+                                "the scene hints at a story without quite telling one"),
         "composition": ("the arrangement is ordinary", "the framing neither helps nor hurts much"),
         "color": ("the colour is ordinary", "the tones are ordinary"),
         "exposure": ("the brightness is acceptable", "the tonal range is ordinary"),
@@ -132,8 +147,12 @@ class AnalyticTeacher:
 
     name = "analytic"
 
-    def __init__(self, cfg: TeacherConfig):
+    def __init__(self, cfg: AnalyticTeacherConfig):
         self.seed = cfg.seed
+        self.teacher_id = "analytic"
+        # its instructions are its rules: the claims, the neutral phrases, the verdicts and this class
+        rules = inspect.getsource(claims) + inspect.getsource(AnalyticTeacher) + repr(_NEUTRAL) + repr(_VERDICTS)
+        self.prompt_id = "analytic-rules@" + hashlib.sha256(rules.encode()).hexdigest()[:12]
 
     def choose_claims(self, stats: ImageStats, band: str) -> dict[str, list[Claim]]:
         """The true claims to state per dimension, picked so the tone fits the band.
@@ -286,7 +305,7 @@ class OpenAITeacher:
 
     name = "openai"
 
-    def __init__(self, cfg: TeacherConfig):
+    def __init__(self, cfg: OpenAITeacherConfig):
         self.cfg = cfg
         self.api_key = os.environ.get(cfg.api_key_env)
         if not self.api_key:
@@ -296,7 +315,8 @@ class OpenAITeacher:
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         self.system = template("teacher_system.txt")
         self.user = template("teacher_user.txt")
-        self.prompt_hash = prompt_id("teacher_system.txt", "teacher_user.txt")
+        self.prompt_id = prompt_id("teacher_system.txt", "teacher_user.txt")
+        self.teacher_id = f"openai:{cfg.model}"
         self.totals = _Usage()
         self.request_pace = _Pace(cfg.requests_per_minute)
         self.token_pace = _Pace(cfg.tokens_per_minute)
@@ -304,7 +324,7 @@ class OpenAITeacher:
 
     def cache_key(self, image_bytes: bytes, band: str) -> str:
         digest = hashlib.sha256()
-        for part in (image_bytes, self.prompt_hash.encode(), self.cfg.model.encode(), band.encode()):
+        for part in (image_bytes, self.prompt_id.encode(), self.cfg.model.encode(), band.encode()):
             digest.update(hashlib.sha256(part).digest())
         return digest.hexdigest()
 
@@ -404,7 +424,7 @@ class OpenAITeacher:
                 critique.text = self._answer(payload)
                 tmp = cache_file.with_suffix(".tmp")
                 tmp.write_text(json.dumps({"text": critique.text, "model": self.cfg.model,
-                                           "prompt": self.prompt_hash, "usage": payload.get("usage") or {}}))
+                                           "prompt": self.prompt_id, "usage": payload.get("usage") or {}}))
                 tmp.replace(cache_file)  # atomic: a killed run never leaves half a cache entry
                 return critique
             except _Failed as err:
@@ -455,8 +475,7 @@ class OpenAITeacher:
 TEACHERS = {"analytic": AnalyticTeacher, "openai": OpenAITeacher}
 
 
-def make_teacher(cfg: TeacherConfig):
-    if cfg.kind not in TEACHERS:
-        raise AesError(f"distill.teacher.kind must be one of {sorted(TEACHERS)}, got {cfg.kind!r}")
+def make_teacher(cfg: AnalyticTeacherConfig | OpenAITeacherConfig):
+    """The teacher of the config's kind; it names itself (``teacher_id``) and its instructions (``prompt_id``)."""
     return TEACHERS[cfg.kind](cfg)
 

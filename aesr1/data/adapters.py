@@ -140,7 +140,8 @@ def _name_score_lines(path: Path) -> Iterator[tuple[int, str, float] | Rejection
     for number, line in _lines(path):
         cols = line.split()
         if len(cols) != 2:
-            yield Rejection(str(path), number, "malformed_line", f"expected '<name> <score>', got {len(cols)} fields", line)
+            yield Rejection(str(path), number, "malformed_line",
+                            f"expected '<name> <score>', got {len(cols)} fields", line)
             continue
         try:
             yield number, cols[0], float(cols[1])

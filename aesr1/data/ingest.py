@@ -56,7 +56,7 @@ REJECTED_COLUMNS = ["dataset", "source_file", "line", "native_id", "reason", "de
 
 @config
 class SourceConfig:
-    format: Literal["ava", "tad66k", "flickr_aes", "para", "aadb"]
+    format: str  # a reader of adapters.ADAPTERS
     files: dict[str, str]
     image_root: str
     scale: tuple[float, float]
@@ -64,6 +64,10 @@ class SourceConfig:
     normalise: Literal["linear", "minmax"] = "linear"
     test_ids: str | None = None
     test_fraction: float | None = None
+
+    def __post_init__(self):
+        if self.format not in ADAPTERS:
+            raise ValueError(f"format must be one of {sorted(ADAPTERS)} (aesr1/data/adapters.py), got {self.format!r}")
 
 
 @config

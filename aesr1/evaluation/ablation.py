@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from aesr1.evaluation.report import markdown_table
 from aesr1.errors import AesError
+from aesr1.evaluation.report import markdown_table
 
 # REFERENCE.md: (PLCC, SRCC) and starting entropy per setting
 PAPER = {

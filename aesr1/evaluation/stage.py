@@ -38,7 +38,7 @@ from aesr1.aescot.filters import FilterConfig, align_errors, fact_errors, leak_e
 from aesr1.aescot.measure import measure_file
 from aesr1.config import config
 from aesr1.errors import AesError
-from aesr1.evaluation.plots import history_curves, histogram_plot, scatter_plot
+from aesr1.evaluation.plots import histogram_plot, history_curves, scatter_plot
 from aesr1.evaluation.report import write_report
 from aesr1.inference import DecodingConfig, PolicyScorer, critique_of, generate, image_scores, signature
 from aesr1.metrics import bootstrap_correlations, correlations, resample_indices
@@ -47,9 +47,6 @@ from aesr1.stage import Recorder
 from aesr1.trajectory import band_of
 
 log = logging.getLogger("aesr1.evaluate")
-
-TEST_SETS = ["ava", "tad66k", "flickr_aes", "para", "aadb"]
-IN_DOMAIN = ["ava", "tad66k", "flickr_aes"]
 
 # The paper's average PLCC / SRCC over its five test sets (REFERENCE.md), for the report.
 PAPER = {"backbone": ("Qwen2.5-VL-7B backbone", 0.4285, 0.4589), "sft": ("Q-Align (SFT)", 0.5120, 0.5255),
@@ -75,8 +72,8 @@ class EvaluateConfig:
     latent_scores: str | None = "data/aessynth/aessynth_latent.csv"  # AesSynth's sidecar; null for real data
     rl_history: str | None = "data/models/rapo/training_history.csv"
     out_dir: str = "data/evaluate"
-    test_sets: list[str] = field(default_factory=lambda: list(TEST_SETS))
-    in_domain: list[str] = field(default_factory=lambda: list(IN_DOMAIN))
+    test_sets: list[str] | None = None  # null: every dataset of the test manifest, in its order
+    in_domain: list[str] = field(default_factory=list)  # the test sets whose dataset is also trained on
     max_per_test_set: int | None = None
     unparseable_score: float = 0.5
     bootstrap: int = 1000  # resamples of the test images for each standard error
@@ -142,7 +139,8 @@ def critique_quality(completions: pd.DataFrame, measures: dict[str, object]) -> 
         row = {"words": len(critique.split()), "dimensions": len(dimensions_addressed(critique)),
                "leak": bool(leak_errors(critique)), "fact": bool(fact_errors(critique, measures[path])),
                "polarity": polarity(critique).score, "score": score}
-        row["align_error"] = bool(align_errors(critique, band_of(score), FilterConfig())) if math.isfinite(score) else None
+        row["align_error"] = (bool(align_errors(critique, band_of(score), FilterConfig()))
+                              if math.isfinite(score) else None)
         rows.append(row)
     if not rows:
         return {"critiques": 0}
@@ -280,6 +278,7 @@ def evaluate(cfg: EvaluateConfig, recorder: Recorder) -> dict:
     out = Path(cfg.out_dir)
     (out / "plots").mkdir(parents=True, exist_ok=True)
     test = pd.read_parquet(cfg.test_manifest)
+    cfg = dataclasses.replace(cfg, test_sets=cfg.test_sets or list(dict.fromkeys(test.dataset)))
     missing = sorted(set(cfg.test_sets) - set(test.dataset))
     if missing:
         raise AesError(f"test sets {missing} are not in {cfg.test_manifest} (it has {sorted(set(test.dataset))})")

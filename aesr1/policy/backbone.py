@@ -34,7 +34,7 @@ from aesr1.config import config
 from aesr1.data.render import STYLES, Grid, render
 from aesr1.policy.data import policy_prompt, sft_dataset
 from aesr1.policy.generation import POINTER
-from aesr1.policy.train import TrainConfig, fit, finish, run_fingerprint
+from aesr1.policy.train import TrainConfig, finish, fit, run_fingerprint
 from aesr1.trajectory import make_trajectory
 
 if TYPE_CHECKING:  # the model code runs without MLflow too (benchmarks on a bare GPU machine)
@@ -179,8 +179,13 @@ def build_tiny(cfg: TinyModelConfig, seed: int = 0):
     forked generator so the caller's random state is left as it was.
     """
     import torch
-    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
-                              Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLProcessor,
+        Qwen2VLImageProcessor,
+        Qwen2VLVideoProcessor,
+    )
 
     tokenizer = build_tokenizer(cfg.vocab_size)
     chat_template = resources.files("trl").joinpath("chat_templates", "qwen2_5_vl.jinja").read_text()

@@ -13,13 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
 import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from aesr1.policy.data import prompt_messages
-
 
 POINTER = "backbone.json"  # a backbone folder that names a hub model or a folder instead of holding one
 
@@ -128,7 +126,8 @@ def sample(model, processor, images: list, n: int = 1, temperature: float = 1.0,
         inputs = processor(text=[prompt] * len(chunk), images=pixels, return_tensors="pt", padding=True)
         inputs = inputs.to(model.device)
         out = model.generate(
-            **inputs, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature if do_sample else None,
+            **inputs, max_new_tokens=max_new_tokens, do_sample=do_sample,
+            temperature=temperature if do_sample else None,
             top_p=top_p if do_sample else None, top_k=top_k if do_sample else None, eos_token_id=eos,
             pad_token_id=pad, output_logits=True, return_dict_in_generate=True)
         new = out.sequences[:, inputs["input_ids"].shape[1]:]

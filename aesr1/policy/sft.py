@@ -19,7 +19,7 @@ from aesr1.config import config
 from aesr1.policy.data import sft_dataset
 from aesr1.policy.generation import load_policy, resolve_model
 from aesr1.policy.probe import HeldoutConfig, heldout_images, probe
-from aesr1.policy.train import TrainConfig, fit, run_fingerprint, save_policy
+from aesr1.policy.train import TrainConfig, finish, fit, run_fingerprint, save_policy
 
 if TYPE_CHECKING:  # the model code runs without MLflow too (benchmarks on a bare GPU machine)
     from aesr1.stage import Recorder
@@ -47,10 +47,11 @@ def sft(cfg: SFTStageConfig, recorder: Recorder) -> dict:
     source = resolve_model(cfg.model)
     model, processor = load_policy(source)
     dataset = sft_dataset(corpus, "trajectory")
-    checkpoints = Path(cfg.checkpoint_root) / f"sft-{run_fingerprint(cfg, len(corpus), corpus.image_id.iloc[0])}"
+    checkpoints = Path(cfg.checkpoint_root) / f"sft-{run_fingerprint(cfg, corpus)}"
     log.info("SFT of %s on %d trajectories (%s, %s epochs)", source, len(corpus), cfg.train.mode, cfg.train.epochs)
     model, state = fit(model, processor, dataset, cfg.train, checkpoints, report_to=["mlflow"])
-    save_policy(model, processor, cfg.out_dir, checkpoints, cfg.log_model)
+    save_policy(model, processor, cfg.out_dir, cfg.log_model)
+    finish(checkpoints)  # they only served to resume a killed run
 
     processor.tokenizer.padding_side = "left"
     probe_metrics, table = probe(model, processor, heldout_images(cfg.test_manifest, cfg.heldout), cfg.heldout)

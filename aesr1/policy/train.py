@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Literal
 
+import pandas as pd
 import torch
 from datasets import Dataset
 from transformers import TrainerCallback
@@ -73,9 +74,13 @@ def restore_weights(model, checkpoint: str) -> None:
     model.load_state_dict(saved.state_dict(), strict=True)
 
 
-def run_fingerprint(*parts: object) -> str:
-    """A short hash of what a run depends on: a checkpoint is resumed only by the same run."""
-    return hashlib.sha256(json.dumps([str(p) for p in parts]).encode()).hexdigest()[:12]
+def run_fingerprint(cfg: object, data: pd.DataFrame | None = None) -> str:
+    """A short hash of a run's config and training data (every row's content): a checkpoint is resumed
+    only by a run with the same config on the same data."""
+    digest = hashlib.sha256(json.dumps(str(cfg)).encode())
+    if data is not None:
+        digest.update(pd.util.hash_pandas_object(data.astype(str), index=False).to_numpy().tobytes())
+    return digest.hexdigest()[:12]
 
 
 class StepProgress(TrainerCallback):
@@ -164,12 +169,11 @@ def finish(checkpoint_dir: Path) -> None:
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
 
 
-def save_policy(model, processor, out_dir: str | Path, checkpoint_dir: Path, log_model: bool) -> Path:
-    """Save a trained policy as an ordinary model folder, drop its checkpoints, optionally copy it to MLflow."""
+def save_policy(model, processor, out_dir: str | Path, log_model: bool) -> Path:
+    """Save a trained policy as an ordinary model folder, optionally copy it to MLflow."""
     out = Path(out_dir)
     model.save_pretrained(out)
     processor.save_pretrained(out)
-    finish(checkpoint_dir)
     if log_model:
         import mlflow
 

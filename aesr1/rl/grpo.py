@@ -28,8 +28,16 @@ from aesr1.config import config
 from aesr1.policy.data import prompt_messages
 from aesr1.policy.generation import load_policy, resolve_model
 from aesr1.policy.probe import HeldoutConfig, heldout_images, probe
-from aesr1.policy.train import (LORA_TARGETS, StepProgress, freeze_vision, quiet, restore_weights, run_fingerprint,
-                                save_policy)
+from aesr1.policy.train import (
+    LORA_TARGETS,
+    StepProgress,
+    finish,
+    freeze_vision,
+    quiet,
+    restore_weights,
+    run_fingerprint,
+    save_policy,
+)
 from aesr1.rl.reward_funcs import RewardConfig, completion_text, make_reward_funcs, rewards_for_mode
 from aesr1.trajectory import band_of, parse_score
 
@@ -188,7 +196,7 @@ def build_trainer(cfg: RLStageConfig, report_to: list[str], callbacks: list) -> 
         freeze_vision(model)
     names, weights = rewards_for_mode(cfg.rewards)
     reward_funcs = make_reward_funcs(names, cfg.rewards)
-    checkpoints = Path(cfg.checkpoint_root) / f"rl-{run_fingerprint(cfg, len(train), train.image_id.iloc[0])}"
+    checkpoints = Path(cfg.checkpoint_root) / f"rl-{run_fingerprint(cfg, train)}"
     peft_config = None
     if cfg.grpo.mode == "lora":
         peft_config = LoraConfig(r=cfg.grpo.lora_r, lora_alpha=cfg.grpo.lora_alpha,
@@ -221,7 +229,8 @@ def rl(cfg: RLStageConfig, recorder: Recorder) -> dict:
     trained = trainer.model
     if cfg.grpo.mode == "lora":
         trained = trained.merge_and_unload()
-    out = save_policy(trained, processor, cfg.out_dir, checkpoints, cfg.log_model)
+    out = save_policy(trained, processor, cfg.out_dir, cfg.log_model)
+    finish(checkpoints)  # they only served to resume a killed run
 
     history = pd.DataFrame([h for h in trainer.state.log_history if "loss" in h])
     history.to_csv(out / "training_history.csv", index=False)  # the reward/entropy curves

@@ -18,6 +18,7 @@ from aesr1.errors import AesError
 from aesr1.rl.rewards import binary_reward, rapo_rewards
 from aesr1.trajectory import BANDS, FORMAT_PATTERN, band_of, parse_score
 
+
 def completion_text(completion) -> str:
     """The text of a completion: plain, or conversational (messages, as lists or as arrays read back from parquet)."""
     if isinstance(completion, str):
