@@ -211,7 +211,10 @@ def test_an_ablation_runs_as_queued_dvc_experiments_and_reports_beside_the_paper
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
     runs = mlflow.search_runs(experiment_names=["aesr1-ablation-rewards"])
     pipelines = runs[runs["tags.aesr1.role"] == "pipeline"]
-    assert sorted(name.split("-")[1] for name in pipelines["tags.mlflow.runName"]) == ["error", "rank"]
+    experiments = pipelines["tags.aesr1.dvc_experiment"]
+    assert sorted(name.split("-")[1] for name in experiments) == ["error", "rank"]
+    # a pipeline run is named by date, commit and DVC experiment
+    assert all(run_name.endswith(" " + exp) for run_name, exp in zip(pipelines["tags.mlflow.runName"], experiments))
     stages = runs[runs["tags.aesr1.role"] == "stage"]
     assert set(stages["tags.mlflow.runName"]) == {"rl", "evaluate"}  # the rest came from DVC's cache
     assert (runs["tags.aesr1.role"] == "report").sum() == 1
