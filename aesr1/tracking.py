@@ -140,7 +140,7 @@ def pipeline_id() -> str:
     return uuid.uuid4().hex
 
 
-def _pipeline_run(client: MlflowClient, experiment_id: str, pid: str) -> str:
+def _pipeline_run(client: MlflowClient, experiment_id: str, pid: str, lineage: dict[str, str]) -> str:
     found = client.search_runs(
         [experiment_id],
         filter_string=f"tags.`{PIPELINE_TAG}` = '{pid}' and tags.`{ROLE_TAG}` = 'pipeline'",
@@ -150,7 +150,6 @@ def _pipeline_run(client: MlflowClient, experiment_id: str, pid: str) -> str:
         return found[0].info.run_id
     # a queued `dvc exp` run names its pipeline run after the experiment (DVC sets DVC_EXP_NAME)
     exp_name = os.environ.get("DVC_EXP_NAME")
-    lineage = git_tags(project_root())
     tags = {PIPELINE_TAG: pid, ROLE_TAG: "pipeline", **lineage, **({DVC_EXP_TAG: exp_name} if exp_name else {})}
     return client.create_run(experiment_id, run_name=pipeline_run_name(lineage, exp_name), tags=tags).info.run_id
 
@@ -178,9 +177,10 @@ def stage_run(stage: str, params: dict, root: Path | None = None,
     experiment_id = ensure_experiment(client, root)
     mark_killed_runs(client, experiment_id)
     pid = pipeline_id()
-    parent_id = _pipeline_run(client, experiment_id, pid)
+    lineage = git_tags(root)
+    parent_id = _pipeline_run(client, experiment_id, pid, lineage)
     status = "FAILED"
-    tags = {PIPELINE_TAG: pid, ROLE_TAG: "stage", STAGE_TAG: stage, **git_tags(root), **process_tags(),
+    tags = {PIPELINE_TAG: pid, ROLE_TAG: "stage", STAGE_TAG: stage, **lineage, **process_tags(),
             **(tags or {})}
     try:
         with mlflow.start_run(

@@ -201,9 +201,8 @@ def make_reward_funcs(names: list[str], cfg: RewardConfig | None = None) -> list
 
 
 def rewards_for_mode(cfg: RewardConfig) -> tuple[list[str], list[float]]:
-    """Reward function names and trl reward weights for the config's mode (format always included)."""
-    if cfg.mode not in REWARD_MODES:
-        raise AesError(f"reward mode must be one of {list(REWARD_MODES)}, got {cfg.mode!r}")
+    """Reward function names and trl reward weights for the config's mode (format always included;
+    the mode was checked against REWARD_MODES when the config was built)."""
     relative, absolute = REWARD_MODES[cfg.mode]
     names, weights = [], []
     if relative:
