@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from aesr1.distributed import quiet_other_processes
 from aesr1.errors import AesError
 
 RESTORE_ONLY = "AESR1_RESTORE_ONLY"  # a stage named here must come from DVC's run cache, never run locally
@@ -151,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("aesr1").setLevel(logging.INFO)
+    quiet_other_processes()
     try:
         status = args.handler(args)
     except AesError as err:  # expected: the message says what to fix; anything else is a bug and keeps its traceback

@@ -31,9 +31,49 @@ def read_params(path: str | Path) -> dict:
     return data
 
 
+RECIPES = Path("configs/recipes")  # beside the params file
+# ``recipe: tiny``: params.yaml's own values, tuned for the embedded tiny model; ``custom``: params.yaml's values
+# for any backbone (yours to choose); any other name: configs/recipes/<name>.yaml merged over params.yaml
+TINY, CUSTOM = "tiny", "custom"
+TRAINED = ("sft", "rl")  # the stages whose hyper-parameters depend on the backbone
+
+
+def merged(base: dict, override: dict) -> dict:
+    """``base`` with ``override`` merged in, key by key in nested mappings."""
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def with_recipe(path: str | Path, params: dict) -> dict:
+    """The params with their recipe applied; a real backbone with the tiny model's values is an error."""
+    recipe = params.get("recipe") or TINY
+    if recipe not in (TINY, CUSTOM):
+        recipe_file = Path(path).parent / RECIPES / f"{recipe}.yaml"
+        if not recipe_file.is_file():
+            known = sorted(p.stem for p in (Path(path).parent / RECIPES).glob("*.yaml"))
+            raise ParamsError(f"{path}: recipe '{recipe}' has no file {recipe_file} (recipes: {known}, "
+                              f"'{TINY}' or '{CUSTOM}')")
+        params = merged(params, yaml.safe_load(recipe_file.read_text()) or {})
+    return params
+
+
+def check_recipe(path: str | Path, params: dict, section: str) -> None:
+    backbone = (params.get("backbone") or {}).get("name_or_path", TINY)
+    if section in TRAINED and (params.get("recipe") or TINY) == TINY and backbone != TINY:
+        raise ParamsError(
+            f"{path}: backbone.name_or_path is {backbone}, but the '{section}' hyper-parameters are the tiny "
+            f"model's (recipe: {TINY}; e.g. SFT at lr 2e-3 would wreck a pretrained model). Select its recipe "
+            f"in params.yaml, e.g. `recipe: qwen2.5-vl-7b` (configs/recipes/qwen2.5-vl-7b.yaml), or set "
+            f"`recipe: {CUSTOM}` to train with params.yaml's values as they are")
+
+
 def load_section(path: str | Path, section: str, cls: type[T]) -> T:
-    """Parse ``section`` of the params file into ``cls``; missing keys take the defaults."""
-    raw = read_params(path).get(section) or {}
+    """Parse ``section`` of the params file (with its recipe) into ``cls``; missing keys take the defaults."""
+    params = with_recipe(path, read_params(path))
+    check_recipe(path, params, section)
+    raw = params.get(section) or {}
     try:
         return TypeAdapter(cls).validate_python(raw)
     except ValidationError as err:

@@ -20,6 +20,7 @@ from PIL import Image
 
 from aesr1.config import config
 from aesr1.errors import AesError
+from aesr1.images import load_image
 from aesr1.trajectory import parse_score, split_trajectory
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
@@ -109,11 +110,11 @@ def decode_image(value: str) -> Image.Image:
     """An image from a request field: a file path, or base64-encoded image bytes."""
     if Path(value).suffix.lower() in IMAGE_SUFFIXES and Path(value).is_file():
         try:
-            return Image.open(value).convert("RGB")
+            return load_image(value)
         except OSError as error:
             raise AesError(f"cannot read image {value}: {error}") from error
     try:
-        return Image.open(io.BytesIO(base64.b64decode(value, validate=True))).convert("RGB")
+        return load_image(io.BytesIO(base64.b64decode(value, validate=True)))
     except Exception as error:
         raise AesError("each 'image' must be an existing image file path or base64-encoded image bytes") from error
 
@@ -183,9 +184,9 @@ def load_scorer(model: str):
                     for row in frame.to_dict("records")]
         return by_uri
 
-    from aesr1.policy.generation import load_policy, resolve_model
+    from aesr1.policy.generation import load_policy
 
-    policy, processor = load_policy(resolve_model(model))
+    policy, processor = load_policy(model)
 
     def by_folder(paths: list[Path], decoding: DecodingConfig) -> list[dict]:
         return score_images(policy, processor, [str(p) for p in paths], decoding)

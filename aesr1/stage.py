@@ -5,6 +5,9 @@ A stage is a function ``fn(cfg, recorder) -> metrics`` over its config dataclass
 calls the function, writes ``metrics/<stage>.json`` and logs params, metrics and the
 artifacts the stage registered. Artifacts are logged even when the stage fails, so a
 failed data check's report is in MLflow next to the error.
+
+Launched on several processes (``accelerate launch``, ``torchrun``) every process runs
+the stage function, and only the main one opens the MLflow run and writes the metrics.
 """
 
 from __future__ import annotations
@@ -21,12 +24,13 @@ from typing import Callable, TypeVar
 
 import mlflow
 
+from aesr1 import distributed
 from aesr1.config import flatten, load_section
 from aesr1.lineage import code_digest, import_closure
 from aesr1.tracking import stage_run
 
 T = TypeVar("T")
-log = logging.getLogger("aesr1")
+log = logging.getLogger(__name__)
 
 
 class Recorder:
@@ -98,7 +102,12 @@ def write_metrics(path: Path, metrics: dict) -> None:
 def run_stage(name: str, params_path: str | Path, cls: type[T], fn: Callable[[T, Recorder], dict],
               metrics_dir: str | Path = "metrics") -> dict:
     cfg = load_section(params_path, name, cls)
+    if not distributed.is_main():  # the others do their share; what they would record, the main process records
+        metrics = fn(cfg, Recorder())
+        distributed.barrier()
+        return metrics
     recorder = Recorder()
+    recorder.param("processes", distributed.world_size())
     code = import_closure(stage_modules(fn.__module__))
     lineage = {"aesr1.params_md5": params_digest(cfg), "aesr1.code_md5": code_digest(code),
                "aesr1.code_files": ",".join(code)}
@@ -106,6 +115,7 @@ def run_stage(name: str, params_path: str | Path, cls: type[T], fn: Callable[[T,
         start = time.perf_counter()
         try:
             metrics = fn(cfg, recorder)
+            distributed.barrier()
             metrics_path = Path(metrics_dir) / f"{name}.json"
             write_metrics(metrics_path, metrics)
             mlflow.log_metrics(numeric_metrics(metrics))

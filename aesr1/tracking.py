@@ -6,9 +6,9 @@ a pipeline id, taken from, in order:
 
 1. ``AESR1_PIPELINE_ID`` (the Prefect flow sets it to its flow-run id; set it yourself
    to group stages run by hand);
-2. the process that launched this stage when it is a pipeline runner (it exported
-   ``DVC_ROOT``): that process's pid and start time, so all stages of one
-   ``dvc repro`` share a parent;
+2. the process that launched this stage (past shells and launchers such as torchrun) when
+   it is a pipeline runner (it exported ``DVC_ROOT``): that process's pid and start time,
+   so all stages of one ``dvc repro`` share a parent;
 3. otherwise a fresh id: a stage run alone is its own pipeline.
 """
 
@@ -39,6 +39,9 @@ HOST_TAG, PROCESS_TAG = "aesr1.host", "aesr1.process"
 # the UI opens an experiment of this kind on its training runs (not on the GenAI traces overview)
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 _SHELLS = {"sh", "bash", "dash", "zsh", "fish"}
+# launchers that start a stage's processes (dvc.yaml's launcher): their parent is the pipeline runner
+_LAUNCHERS = {"torchrun", "accelerate", "deepspeed"}
+_LAUNCHER_MODULES = ("torch.distributed.run", "torch.distributed.launch", "deepspeed.launcher")
 _EXPERIMENT_RUN_DIR = os.path.join(".dvc", "tmp", "exps")
 
 
@@ -133,11 +136,25 @@ def pipeline_id() -> str:
         return explicit
     if "DVC_ROOT" in os.environ:
         process = psutil.Process().parent()
-        while process is not None and process.name() in _SHELLS:
+        while process is not None and _between(process):
             process = process.parent()
         if process is not None:
             return f"{process.pid}-{int(process.create_time())}"
     return uuid.uuid4().hex
+
+
+def _between(process: psutil.Process) -> bool:
+    """A shell or a distributed launcher between the pipeline runner (DVC) and a stage's process.
+
+    Launchers are told by their command line: torchrun renames its process (``pt_elastic``).
+    """
+    if process.name() in _SHELLS:
+        return True
+    try:
+        argv = process.cmdline()
+    except psutil.Error:
+        return False
+    return any(Path(arg).name in _LAUNCHERS for arg in argv[:2]) or any(m in argv for m in _LAUNCHER_MODULES)
 
 
 def _pipeline_run(client: MlflowClient, experiment_id: str, pid: str, lineage: dict[str, str]) -> str:

@@ -17,17 +17,17 @@ import time
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
 from torch import nn
 
 from aesr1.config import load_section
 from aesr1.evaluation.stage import EvaluateConfig
+from aesr1.images import load_image
 from aesr1.metrics import correlations
 
 
 def pixels(paths, size: int) -> torch.Tensor:
     """(N, 3, size, size) in [0, 1]: the images as the policy's processor would see them, resized."""
-    arrays = [np.asarray(Image.open(p).convert("RGB").resize((size, size)), np.float32) / 255 for p in paths]
+    arrays = [np.asarray(load_image(p).resize((size, size)), np.float32) / 255 for p in paths]
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
 

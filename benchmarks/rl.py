@@ -6,7 +6,7 @@
 Builds the trainer exactly as ``aesr1 rl`` does (params.yaml's rl section, the flags
 override it), without MLflow and without saving checkpoints. trl generates once every
 ``num_iterations`` optimizer steps, so the script times whole cycles; the first is warm-up.
-On a GPU the model runs in bf16 as in the stage. Run it twice, with and without
+On a GPU it trains as the stage does (fp32 weights, bf16 compute). Run it twice, with and without
 --use-vllm, to compare generation back ends on the same machine.
 """
 

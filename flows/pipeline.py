@@ -8,7 +8,7 @@ back through the DVC remote.
 
     python -m flows.pipeline                                   # all stages, like `dvc repro`
     python -m flows.pipeline --stages ingest                   # some of them
-    python -m flows.pipeline --remote rl=aesr1-remote-stage/gpu-rl   # rl on the GPU pool
+    python -m flows.pipeline --remote rl=aesr1-remote-stage/gpu-stage   # rl on the GPU pool
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def pipeline(stages: list[str] | None = None, root: str = ".", force: bool = Fal
     """Reproduce ``stages`` (default: every stage in dvc.yaml) in ``root``; return the stages run.
 
     ``remote_stages`` maps a stage to the deployment that runs it elsewhere
-    (``{"rl": "aesr1-remote-stage/gpu-rl"}``).
+    (``{"rl": "aesr1-remote-stage/gpu-stage"}``).
     """
     root = str(Path(root).resolve())
     known = dvc_stages(root)

@@ -1,7 +1,8 @@
 """Create (or update) the two work pools the deployments in ``prefect.yaml`` use.
 
 ``cpu``: process workers for the pipeline and the ablations. ``gpu``: process workers on
-GPU machines for the ``rl`` stage; its job template sets ``CUDA_VISIBLE_DEVICES``.
+GPU machines for any stage sent there (sft, rl, evaluate); its job template sets
+``CUDA_VISIBLE_DEVICES``, and params.yaml's ``launcher`` starts one process per GPU.
 
     python -m flows.pools                      # gpu pool sees device 0
     python -m flows.pools --gpu-devices 0,1,2,3

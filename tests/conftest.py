@@ -66,6 +66,7 @@ SMALL_SIZES = {"ava": {"train": 50, "test": 15}, "tad66k": {"train": 50, "test":
 def shrink_params(root: Path) -> Path:
     """Shrink every stage's params in a repository copy so the whole pipeline runs in a few minutes."""
     params = yaml.safe_load((root / "params.yaml").read_text())
+    params["launcher"] = "torchrun --standalone --nproc_per_node 2"  # sft, rl, evaluate on two processes (gloo)
     params["synth"]["sizes"] = SMALL_SIZES
     params["ingest"].update(train_size=100, min_test_per_dataset=5, max_reject_rate=0.2)
     params["backbone"]["tiny"].update(hidden_size=64, intermediate_size=128, layers=2, vision_hidden_size=32,

@@ -113,7 +113,8 @@ def test_gpu_pool_runs_rl_through_a_dvc_remote_and_a_dead_worker_fails_the_run_v
         assert synth_output.stat().st_mtime_ns == built and (cpu / "data/ingest/train.parquet").is_file()
 
         # the whole pipeline, rl on the gpu pool: inputs and outputs travel through the DVC remote
-        flow_run = trigger(env, cpu, "aesr1-pipeline/nightly-gpu-rl", {})
+        only_rl = {"remote_stages": {"rl": "aesr1-remote-stage/gpu-stage"}}  # the deployment sends sft and evaluate too
+        flow_run = trigger(env, cpu, "aesr1-pipeline/nightly-gpu", only_rl)
         state = flow_run_state(env, flow_run, {"COMPLETED", "FAILED", "CRASHED"}, timeout_s=900)
         assert state["type"] == "COMPLETED", (state, (tmp_path / "worker-cpu.log").read_text()[-4000:],
                                               (tmp_path / "worker-gpu.log").read_text()[-4000:])

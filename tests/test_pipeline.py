@@ -53,8 +53,15 @@ def test_dvc_repro_runs_every_stage_and_groups_mlflow_runs(reproduced):
     assert json.loads((small_repo / "metrics/filter.json").read_text())["corpus_size"] > 90
 
     runs = stage_runs(env["MLFLOW_TRACKING_URI"])
-    assert sorted(runs["tags.mlflow.runName"]) == sorted(STAGES)
+    assert sorted(runs["tags.mlflow.runName"]) == sorted(STAGES)  # one run per stage, however many processes
     assert runs["tags.mlflow.parentRunId"].nunique() == 1  # one pipeline run holds every stage
+    processes = dict(zip(runs["tags.mlflow.runName"], runs["params.processes"]))
+    assert processes == {stage: "2" if stage in ("sft", "rl", "evaluate") else "1" for stage in STAGES}
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    for model in ("sft", "rapo"):  # saved once, by the main process, as ordinary model folders
+        AutoModelForImageTextToText.from_pretrained(small_repo / "data/models" / model)
+        AutoProcessor.from_pretrained(small_repo / "data/models" / model)
 
     assert "up to date" in run(["dvc", "repro"], small_repo, env)  # DVC decides nothing is stale
     shown = run(["dvc", "metrics", "show"], small_repo, env)
@@ -74,6 +81,9 @@ def test_evaluation_gives_the_main_table_predictions_plots_and_report(reproduced
         assert "leak_rate" in model["critique"] or model["critique"]["critiques"] == 0
     predictions = pd.read_parquet(small_repo / "data/evaluate/predictions.parquet")
     assert len(predictions) == 3 * 5 * 6 and set(predictions.model) == set(metrics)
+    # evaluated on two processes (conftest's launcher): every test image exactly once per model
+    assert not predictions.duplicated(["model", "image_id"]).any()
+    assert (predictions.groupby("model").image_id.nunique() == 30).all()
     for model in metrics:
         for kind in ("scatter", "histogram"):
             assert (small_repo / f"data/evaluate/plots/{kind}_{model}.png").stat().st_size > 1000

@@ -11,8 +11,8 @@ from transformers import TrainerCallback
 
 from aesr1.policy.backbone import BackboneConfig, PretrainConfig, TinyModelConfig, backbone, build_tiny, build_tokenizer
 from aesr1.policy.data import sft_dataset
-from aesr1.policy.generation import load_policy, resolve_model, sample, token_entropy
-from aesr1.policy.train import TrainConfig, fit
+from aesr1.policy.generation import entropies, load_policy, load_processor, resolve_model, sample
+from aesr1.policy.train import TrainConfig, fit, save_trained
 from aesr1.stage import Recorder
 from aesr1.trajectory import make_trajectory, parse_score
 
@@ -60,7 +60,7 @@ def test_tiny_backbone_saves_and_loads_through_the_generic_path(tiny_backbone):
     folder, metrics = tiny_backbone
     assert metrics["kind"] == "tiny" and metrics["pretrain_loss_last"] < metrics["pretrain_loss_first"]
     assert json.loads((folder / "config.json").read_text())["model_type"] == "qwen2_5_vl"
-    model, processor = load_policy(resolve_model(folder))
+    model, processor = load_policy(folder)
     assert type(model).__name__ == "Qwen2_5_VLForConditionalGeneration"
     assert type(processor).__name__ == "Qwen2_5_VLProcessor"
 
@@ -87,18 +87,18 @@ def test_a_real_backbone_is_pointed_at_not_copied(tmp_path, tiny_backbone):
 @pytest.mark.parametrize("mode", ["full", "lora"])
 def test_sft_lowers_the_loss_and_writes_a_loadable_model(tmp_path, tiny_backbone, trajectories, mode):
     folder, _ = tiny_backbone
-    model, processor = load_policy(str(folder))
+    model, processor = load_policy(str(folder), training=mode)
     vision_before = {n: p.clone() for n, p in model.named_parameters() if ".visual." in f".{n}"}
     cfg = TrainConfig(mode=mode, epochs=4, learning_rate=5e-3, batch_size=4, freeze_vision=True, lora_r=8,
                       logging_steps=1, save_steps=1000)
-    trained, state = fit(model, processor, sft_dataset(trajectories, "trajectory"), cfg, tmp_path / "ck")
-    losses = [h["loss"] for h in state.log_history if "loss" in h]
+    trainer = fit(model, processor, sft_dataset(trajectories, "trajectory"), cfg, tmp_path / "ck")
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert losses[-1] < losses[0]
-    for name, param in trained.named_parameters():
+    for name, param in trainer.model.named_parameters():
+        name = name.replace("base_model.model.", "")
         if name in vision_before:
             assert torch.equal(param, vision_before[name]), f"{name} moved although the vision tower is frozen"
-    trained.save_pretrained(tmp_path / "sft")
-    processor.save_pretrained(tmp_path / "sft")
+    save_trained(trainer, processor, tmp_path / "sft", base=folder if mode == "lora" else None)
     reloaded, reloaded_processor = load_policy(str(tmp_path / "sft"))
     assert not any("lora" in n for n, _ in reloaded.named_parameters())  # LoRA was merged
     out = sample(reloaded, reloaded_processor, list(trajectories.image_path[:2]), n=2, max_new_tokens=12)
@@ -121,8 +121,8 @@ def test_a_killed_sft_run_resumes_from_its_checkpoint(tmp_path, tiny_backbone, t
     folder, _ = tiny_backbone
     cfg = TrainConfig(epochs=2, learning_rate=1e-3, batch_size=4, save_steps=1)  # 6 steps in all
     data = sft_dataset(trajectories, "trajectory")
-    model, processor = load_policy(str(folder))
-    _, state = fit(model, processor, data, cfg, tmp_path / "ck", callbacks=[_StopAt(2)])
+    processor = load_processor(folder)
+    state = fit(str(folder), processor, data, cfg, tmp_path / "ck", callbacks=[_StopAt(2)]).state
     assert state.global_step == 2 and (tmp_path / "ck" / "checkpoint-2").is_dir()
     saved, _ = load_policy(str(tmp_path / "ck" / "checkpoint-2"))
 
@@ -137,9 +137,9 @@ def test_a_killed_sft_run_resumes_from_its_checkpoint(tmp_path, tiny_backbone, t
             self.weights = {n: p.detach().clone() for n, p in model.named_parameters()}
 
     at_start = _WeightsAtStart()
-    model, processor = load_policy(str(folder))
+    model, processor = load_policy(str(folder), training="full")
     fresh = {n: p.detach().clone() for n, p in model.named_parameters()}
-    _, state = fit(model, processor, data, cfg, tmp_path / "ck", callbacks=[_Count(), at_start])
+    state = fit(model, processor, data, cfg, tmp_path / "ck", callbacks=[_Count(), at_start]).state
     assert state.global_step == 6 and steps_run == [3, 4, 5, 6]
     # training went on from the checkpoint's weights, not from the fresh backbone's
     for name, param in saved.named_parameters():
@@ -147,21 +147,16 @@ def test_a_killed_sft_run_resumes_from_its_checkpoint(tmp_path, tiny_backbone, t
     assert any(not torch.equal(fresh[n], p) for n, p in saved.named_parameters())
 
 
-def test_token_entropy_known_answers():
+def test_entropy_known_answers():
     vocab = 50
-    uniform = torch.zeros(2, 3, vocab)
-    mask = torch.ones(2, 3)
-    assert token_entropy(uniform, mask).item() == pytest.approx(math.log(vocab))
-    peaked = torch.full((1, 2, vocab), -1e4)
-    peaked[..., 0] = 0
-    assert token_entropy(peaked, torch.ones(1, 2)).item() == pytest.approx(0.0, abs=1e-6)
-    # masked positions do not count; temperature sharpens
-    mixed = torch.cat([uniform[:1, :1], peaked[:, :1]], dim=1)
-    assert token_entropy(mixed, torch.tensor([[1.0, 0.0]])).item() == pytest.approx(math.log(vocab))
-    two = torch.tensor([[[0.0, math.log(3.0)]]])  # probabilities 1/4, 3/4
+    assert entropies(torch.zeros(2, vocab)).tolist() == pytest.approx([math.log(vocab)] * 2)
+    peaked = torch.full((1, vocab), -1e4)
+    peaked[0, 0] = 0
+    assert entropies(peaked).item() == pytest.approx(0.0, abs=1e-6)
+    two = torch.tensor([[0.0, math.log(3.0)]])  # probabilities 1/4, 3/4
     expected = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))
-    assert token_entropy(two, torch.ones(1, 1)).item() == pytest.approx(expected, rel=1e-5)
-    assert token_entropy(two, torch.ones(1, 1), temperature=0.5).item() < expected
+    assert entropies(two).item() == pytest.approx(expected, rel=1e-5)
+    assert entropies(two, temperature=0.5).item() < expected  # temperature sharpens
 
 
 def test_scores_parse_from_sampled_text_only_when_well_formed():

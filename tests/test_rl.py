@@ -148,7 +148,7 @@ def test_rapo_keeps_a_learned_visible_factor_and_logs_its_health(tmp_path, monke
     from aesr1.policy.data import sft_dataset
     from aesr1.policy.generation import load_policy
     from aesr1.policy.probe import HeldoutConfig
-    from aesr1.policy.train import TrainConfig, fit, save_policy
+    from aesr1.policy.train import TrainConfig, fit, save_trained
     from aesr1.rl.grpo import GRPOParams, RLStageConfig, rl
     from aesr1.stage import Recorder
     from aesr1.tracking import stage_run
@@ -162,11 +162,11 @@ def test_rapo_keeps_a_learned_visible_factor_and_logs_its_health(tmp_path, monke
     heldout.to_parquet(tmp_path / "test.parquet")
 
     torch.manual_seed(0)
-    model, processor = load_policy(str(tmp_path / "backbone"))
+    model, processor = load_policy(str(tmp_path / "backbone"), training="full")
     sft_cfg = TrainConfig(epochs=14, learning_rate=3e-3, batch_size=16, freeze_vision=False, warmup=0.05,
                           save_steps=10_000, logging_steps=50)
-    model, _ = fit(model, processor, sft_dataset(train, "trajectory"), sft_cfg, tmp_path / "ck" / "sft")
-    save_policy(model, processor, tmp_path / "sft", log_model=False)
+    trainer = fit(model, processor, sft_dataset(train, "trajectory"), sft_cfg, tmp_path / "ck" / "sft")
+    save_trained(trainer, processor, tmp_path / "sft")
     sft_plcc = expected_plcc(model, processor, heldout)
     assert sft_plcc > 0.5, f"SFT did not learn the visible factor (held-out PLCC {sft_plcc:.2f})"
 

@@ -19,7 +19,7 @@ from conftest import cli_env, write_jpeg
 from PIL import Image
 
 from aesr1.aescot.distill import DistillConfig, DistillError, distill
-from aesr1.aescot.teachers import OpenAITeacher, OpenAITeacherConfig, downscale, retry_after
+from aesr1.aescot.teachers import OpenAITeacher, OpenAITeacherConfig, retry_after, upload_bytes
 from aesr1.errors import AesError
 from aesr1.stage import Recorder, run_stage
 
@@ -220,11 +220,15 @@ def test_large_images_are_downscaled_before_upload(tmp_path, manifest):
 
     with ChatServer() as server:
         ask(tmp_path, server, [("big", str(big), "fair"), ("small", small, "fair")], max_image_side=600,
-            concurrency=1)
+            max_pixels=None, concurrency=1)
         assert Image.open(io.BytesIO(uploaded(server, 0))).size == (600, 400)
         assert uploaded(server, 1) == Path(small).read_bytes()  # small enough: sent as it is
+    with ChatServer() as server:  # the default: the policy's pixel budget
+        ask(tmp_path / "budget", server, [("big", str(big), "fair")], max_image_side=None)
+        width, height = Image.open(io.BytesIO(uploaded(server, 0))).size
+        assert width * height <= 262_144 and abs(width / height - 1.5) < 0.01
     with ChatServer() as server:
-        ask(tmp_path / "asis", server, [("big", str(big), "fair")], max_image_side=None)
+        ask(tmp_path / "asis", server, [("big", str(big), "fair")], max_image_side=None, max_pixels=None)
         assert uploaded(server, 0) == big.read_bytes()
 
 
@@ -233,4 +237,4 @@ def test_downscale_applies_the_exif_rotation():
     exif[0x0112] = 6  # rotate 90 degrees clockwise to display
     buf = io.BytesIO()
     Image.new("RGB", (300, 200)).save(buf, "JPEG", exif=exif)
-    assert Image.open(io.BytesIO(downscale(buf.getvalue(), 150))).size == (100, 150)
+    assert Image.open(io.BytesIO(upload_bytes(buf.getvalue(), 150, None))).size == (100, 150)

@@ -53,8 +53,8 @@ def test_a_stage_run_carries_commit_code_params_and_dataset_lineage(tmp_path, mo
     (stage,) = client.search_runs([experiment.experiment_id], f"tags.`{ROLE_TAG}` = 'stage'")
     tags = stage.data.tags
     assert tags["mlflow.source.git.commit"] == commit and tags["aesr1.git_dirty"] == "false"
-    assert tags["aesr1.code_files"].split(",") == ["aesr1/config.py", "aesr1/errors.py", "aesr1/lineage.py",
-                                                   "aesr1/stage.py", "aesr1/tracking.py"]
+    assert tags["aesr1.code_files"].split(",") == ["aesr1/config.py", "aesr1/distributed.py", "aesr1/errors.py",
+                                                   "aesr1/lineage.py", "aesr1/stage.py", "aesr1/tracking.py"]
     assert len(tags["aesr1.code_md5"]) == 32 and len(tags["aesr1.params_md5"]) == 32
     (dataset,) = stage.inputs.dataset_inputs
     assert dataset.dataset.name == "manifest.parquet"

@@ -26,7 +26,7 @@ from aesr1.errors import AesError
 from aesr1.stage import Recorder
 from aesr1.trajectory import band_of
 
-log = logging.getLogger("aesr1.filter")
+log = logging.getLogger(__name__)
 KINDS = ("leak", "align", "fact")
 DECISION_COLUMNS = ["image_id", "critique_sha", "decision", "note"]
 

@@ -21,7 +21,7 @@ from aesr1.errors import AesError
 from aesr1.stage import Recorder
 from aesr1.trajectory import band_of, make_trajectory
 
-log = logging.getLogger("aesr1.distill")
+log = logging.getLogger(__name__)
 
 
 @config

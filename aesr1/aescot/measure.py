@@ -10,8 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from scipy import ndimage
+
+from aesr1.images import load_image
 
 THIRDS = np.array([[x, y] for x in (1 / 3, 2 / 3) for y in (1 / 3, 2 / 3)])
 
@@ -37,11 +38,10 @@ class ImageStats:
 
 
 def load_rgb(path: str | Path, max_side: int = 128) -> np.ndarray:
-    with Image.open(path) as img:
-        img = img.convert("RGB")
-        if max(img.size) > max_side:
-            img.thumbnail((max_side, max_side))
-        return np.asarray(img, np.float32) / 255.0
+    img = load_image(path)
+    if max(img.size) > max_side:
+        img.thumbnail((max_side, max_side))
+    return np.asarray(img, np.float32) / 255.0
 
 
 def _hsv(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -14,10 +14,10 @@ from io import BytesIO
 from pathlib import Path
 
 import pandas as pd
-from PIL import Image
 
 from aesr1.aescot.corpus import DECISION_COLUMNS, FilterStageConfig, critique_sha, read_decisions
 from aesr1.errors import AesError
+from aesr1.images import load_image
 
 REVIEW_COLUMNS = ["image_id", "critique_sha", "status", "kind", "evidence", "band", "score", "critique",
                   "image_path", "decision", "note"]
@@ -25,11 +25,10 @@ REVIEW_COLUMNS = ["image_id", "critique_sha", "status", "kind", "evidence", "ban
 
 def _thumbnail(path: str, side: int = 160) -> str:
     try:
-        with Image.open(path) as img:
-            img = img.convert("RGB")
-            img.thumbnail((side, side))
-            buffer = BytesIO()
-            img.save(buffer, format="JPEG", quality=85)
+        img = load_image(path)
+        img.thumbnail((side, side))
+        buffer = BytesIO()
+        img.save(buffer, format="JPEG", quality=85)
         return f'<img src="data:image/jpeg;base64,{base64.b64encode(buffer.getvalue()).decode()}">'
     except OSError as err:
         return f"<em>image unreadable: {html.escape(str(err))}</em>"

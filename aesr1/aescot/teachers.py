@@ -3,7 +3,7 @@
 - :class:`AnalyticTeacher` (offline default) measures the image and writes a
   five-dimension critique from claims that hold for its pixels, in the band's tone.
 - :class:`OpenAITeacher` asks any OpenAI-compatible chat-completions endpoint, with the
-  image inline (downscaled to ``max_image_side``), bounded retries with exponential
+  image inline (downscaled to ``max_image_side`` and the pixel budget), bounded retries with exponential
   backoff and jitter (or the server's ``Retry-After``), optional requests- and
   tokens-per-minute pacing, a content-keyed on-disk cache and token/cost accounting
   (failed attempts included). A refusal or a truncated answer fails the sample with
@@ -29,7 +29,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Literal
 
-from PIL import Image, ImageOps
+from PIL import Image
 from pydantic import Field
 
 from aesr1.aescot import claims
@@ -38,9 +38,10 @@ from aesr1.aescot.filters import FilterConfig, polarity
 from aesr1.aescot.measure import ImageStats, measure_file
 from aesr1.config import config
 from aesr1.errors import AesError
+from aesr1.images import MAX_PIXELS, downscale, load_image
 from aesr1.prompts import prompt_id, template
 
-log = logging.getLogger("aesr1.distill")
+log = logging.getLogger(__name__)
 
 BAND_DESCRIPTIONS = {
     "bad": "weak: it is in the lower part of the range",
@@ -77,7 +78,8 @@ class OpenAITeacherConfig:
     cache_dir: str = "data/teacher_cache"
     requests_per_minute: float | None = None  # the endpoint's rate tier, retries included; None: unlimited
     tokens_per_minute: float | None = None  # prompt + completion tokens; None: unlimited
-    max_image_side: int | None = 1024  # longer images are downscaled before upload; None: send the file as is
+    max_image_side: int | None = 1024  # longer images are downscaled before upload; None: no side limit
+    max_pixels: int | None = MAX_PIXELS  # the policy's budget (aesr1/images.py), so the teacher sees what it sees
 
 
 # One typed config per teacher kind, told apart by ``kind``; TEACHERS maps each kind to its class.
@@ -282,21 +284,19 @@ def retry_after(headers) -> float | None:
     return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
 
 
-def downscale(data: bytes, max_side: int | None) -> bytes:
-    """The image bytes to upload: as they are if small enough, else a JPEG with the long side at ``max_side``.
+def upload_bytes(data: bytes, max_side: int | None, max_pixels: int | None) -> bytes:
+    """The image bytes to upload: as they are if within the budget, else an upright JPEG within it.
 
     A 12 MP photo overflows the context of a served VLM (a 400, not retried); EXIF rotation
-    is applied first, since re-encoding drops it.
+    is applied first (:func:`aesr1.images.load_image`), since re-encoding drops it.
     """
-    if max_side is None:
-        return data
     with Image.open(io.BytesIO(data)) as img:
-        if max(img.size) <= max_side:
-            return data
-        small = ImageOps.exif_transpose(img)
-        small.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
-        out = io.BytesIO()
-        small.convert("RGB").save(out, "JPEG", quality=90)
+        width, height = img.size
+    if (max_side is None or max(width, height) <= max_side) and (max_pixels is None or width * height <= max_pixels):
+        return data
+    small = downscale(load_image(io.BytesIO(data)), max_pixels, max_side)
+    out = io.BytesIO()
+    small.save(out, "JPEG", quality=90)
     return out.getvalue()
 
 
@@ -384,7 +384,8 @@ class OpenAITeacher:
         import httpx
 
         try:
-            image_bytes = await asyncio.to_thread(downscale, Path(image_path).read_bytes(), self.cfg.max_image_side)
+            image_bytes = await asyncio.to_thread(upload_bytes, Path(image_path).read_bytes(), self.cfg.max_image_side,
+                                                    self.cfg.max_pixels)
         except OSError as err:  # missing or not an image (PIL's UnidentifiedImageError is an OSError)
             self._count_error("unreadable image")
             return Critique(key, error=f"unreadable image: {err}")

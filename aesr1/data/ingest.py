@@ -47,7 +47,7 @@ from aesr1.data.adapters import ADAPTERS, ENCODING, AnnotationError, Entry, Reje
 from aesr1.errors import AesError
 from aesr1.stage import Recorder
 
-log = logging.getLogger("aesr1.ingest")
+log = logging.getLogger(__name__)
 
 MANIFEST_COLUMNS = ["image_id", "dataset", "split", "image_path", "mos", "score", "n_ratings",
                     "native_id", "source_file", "source_line"]

@@ -33,6 +33,7 @@ import pandas as pd
 from scipy import stats
 
 import aesr1
+from aesr1 import distributed
 from aesr1.aescot.claims import DIMENSION_WORDS, dimensions_addressed
 from aesr1.aescot.filters import FilterConfig, align_errors, fact_errors, leak_errors, polarity
 from aesr1.aescot.measure import measure_file
@@ -42,11 +43,11 @@ from aesr1.evaluation.plots import histogram_plot, history_curves, scatter_plot
 from aesr1.evaluation.report import write_report
 from aesr1.inference import DecodingConfig, PolicyScorer, critique_of, generate, image_scores, signature
 from aesr1.metrics import bootstrap_correlations, correlations, resample_indices
-from aesr1.policy.generation import load_policy, resolve_model
+from aesr1.policy.generation import load_policy
 from aesr1.stage import Recorder
 from aesr1.trajectory import band_of
 
-log = logging.getLogger("aesr1.evaluate")
+log = logging.getLogger(__name__)
 
 # The paper's average PLCC / SRCC over its five test sets (REFERENCE.md), for the report.
 PAPER = {"backbone": ("Qwen2.5-VL-7B backbone", 0.4285, 0.4589), "sft": ("Q-Align (SFT)", 0.5120, 0.5255),
@@ -245,10 +246,14 @@ def comparisons(metrics: dict, pairs: list[tuple[str, str]]) -> dict:
 # ---------------------------------------------------------------- the stage
 
 def evaluate_model(name: str, path: str, test: pd.DataFrame, cfg: EvaluateConfig,
-                   measures: dict[str, object], ceilings: dict) -> tuple[dict, pd.DataFrame]:
+                   measures: dict[str, object], ceilings: dict) -> tuple[dict, pd.DataFrame] | None:
+    """One model's figures and predictions; on several processes each samples its share of the
+    images, and the main process (the only one that gets a result) reads them all out."""
     log.info("evaluating %s (%s) on %d images x %d samples", name, path, len(test), cfg.decoding.samples_per_image)
-    model, processor = load_policy(resolve_model(path))
+    model, processor = load_policy(path)
     sampled = generate(model, processor, list(test.image_path), cfg.decoding)
+    if not distributed.is_main():
+        return None
     k = cfg.decoding.samples_per_image
     scores = readout_scores(sampled.texts, sampled.expected, k)
     predictions = test[["image_id", "dataset", "image_path", "score"]].assign(
@@ -276,7 +281,6 @@ def evaluate_model(name: str, path: str, test: pd.DataFrame, cfg: EvaluateConfig
 
 def evaluate(cfg: EvaluateConfig, recorder: Recorder) -> dict:
     out = Path(cfg.out_dir)
-    (out / "plots").mkdir(parents=True, exist_ok=True)
     test = pd.read_parquet(cfg.test_manifest)
     cfg = dataclasses.replace(cfg, test_sets=cfg.test_sets or list(dict.fromkeys(test.dataset)))
     missing = sorted(set(cfg.test_sets) - set(test.dataset))
@@ -287,7 +291,8 @@ def evaluate(cfg: EvaluateConfig, recorder: Recorder) -> dict:
         shuffled = test.sample(frac=1.0, random_state=cfg.decoding.seed)
         test = shuffled[shuffled.groupby("dataset").cumcount() < cfg.max_per_test_set].sort_values("image_id")
     recorder.dataset(cfg.test_manifest, test, "evaluation")
-    measures = {p: measure_file(p) for p in test.image_path.unique()}
+    main = distributed.is_main()
+    measures = {p: measure_file(p) for p in test.image_path.unique()} if main else {}
     ceilings = noise_ceilings(test, cfg.latent_scores)
 
     unknown = sorted(set(cfg.only or []) - set(cfg.models))
@@ -299,10 +304,16 @@ def evaluate(cfg: EvaluateConfig, recorder: Recorder) -> dict:
     metrics: dict = {}
     frames = []
     for name, path in chosen.items():
-        result, predictions = evaluate_model(name, path, test, cfg, measures, ceilings)
+        evaluated = evaluate_model(name, path, test, cfg, measures, ceilings)
+        if not main:
+            continue
+        result, predictions = evaluated
         metrics[name] = result
         frames.append(predictions)
         log.info("%s: average PLCC %.3f SRCC %.3f", name, result["average"]["plcc"], result["average"]["srcc"])
+    if not main:
+        return {}
+    (out / "plots").mkdir(parents=True, exist_ok=True)
     predictions = pd.concat(frames, ignore_index=True)
     predictions.to_parquet(out / "predictions.parquet", index=False)
     compared = comparisons(metrics, cfg.compare)

@@ -32,15 +32,16 @@ from aesr1.aescot.claims import CLAIMS
 from aesr1.aescot.measure import ImageStats, measure
 from aesr1.config import config
 from aesr1.data.render import STYLES, Grid, render
+from aesr1.images import MAX_PIXELS, set_pixel_budget
 from aesr1.policy.data import policy_prompt, sft_dataset
 from aesr1.policy.generation import POINTER
-from aesr1.policy.train import TrainConfig, finish, fit, run_fingerprint
+from aesr1.policy.train import TrainConfig, finish, fit, run_fingerprint, save_trained
 from aesr1.trajectory import make_trajectory
 
 if TYPE_CHECKING:  # the model code runs without MLflow too (benchmarks on a bare GPU machine)
     from aesr1.stage import Recorder
 
-log = logging.getLogger("aesr1.backbone")
+log = logging.getLogger(__name__)
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   "<|image_pad|>", "<|video_pad|>"]
@@ -59,7 +60,7 @@ class TinyModelConfig:
     vision_hidden_size: int = 96
     vision_heads: int = 4
     patch_size: int = 8
-    image_size: int = 64  # images are resized to image_size x image_size pixels
+    image_size: int = 64  # the descriptive pretraining renders its images at image_size x image_size
 
 
 @config
@@ -78,6 +79,9 @@ class BackboneConfig:
     name_or_path: str = "tiny"
     out_dir: str = "data/models/backbone"
     checkpoint_root: str = "data/checkpoints"
+    # the pixel budget of every image the policy sees (SFT, RL, evaluation, inference), saved with its processor
+    min_pixels: int | None = None  # None: the model's own (Qwen2.5-VL: 3136; the tiny model: one visual token)
+    max_pixels: int = MAX_PIXELS
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
 
@@ -189,9 +193,9 @@ def build_tiny(cfg: TinyModelConfig, seed: int = 0):
 
     tokenizer = build_tokenizer(cfg.vocab_size)
     chat_template = resources.files("trl").joinpath("chat_templates", "qwen2_5_vl.jinja").read_text()
-    pixels = cfg.image_size * cfg.image_size
+    token = (2 * cfg.patch_size) ** 2  # the pixels of one visual token (2 x 2 patches merged)
     image_processor = Qwen2VLImageProcessor(patch_size=cfg.patch_size, merge_size=2, temporal_patch_size=2,
-                                            min_pixels=pixels, max_pixels=pixels)
+                                            min_pixels=token, max_pixels=MAX_PIXELS)
     video_processor = Qwen2VLVideoProcessor(patch_size=cfg.patch_size, merge_size=2, temporal_patch_size=2)
     processor = Qwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
                                     video_processor=video_processor, chat_template=chat_template)
@@ -229,22 +233,24 @@ def backbone(cfg: BackboneConfig, recorder: Recorder) -> dict:
         from transformers import AutoConfig, AutoProcessor
 
         config_ = AutoConfig.from_pretrained(cfg.name_or_path)
-        AutoProcessor.from_pretrained(cfg.name_or_path)
+        processor = set_pixel_budget(AutoProcessor.from_pretrained(cfg.name_or_path), cfg.min_pixels, cfg.max_pixels)
+        processor.save_pretrained(out)  # the folder's processor: the model's, with the budget
         (out / POINTER).write_text(json.dumps({"name_or_path": cfg.name_or_path}, indent=1))
         return {"kind": "pretrained", "model_type": config_.model_type}
 
     model, processor = build_tiny(cfg.tiny, cfg.pretrain.seed)
+    set_pixel_budget(processor, cfg.min_pixels, cfg.max_pixels)
     params = sum(p.numel() for p in model.parameters())
     log.info("tiny Qwen2.5-VL: %.2fM parameters, vocabulary %d", params / 1e6, len(processor.tokenizer))
     checkpoints = Path(cfg.checkpoint_root) / f"backbone-{run_fingerprint(cfg)}"
     with tempfile.TemporaryDirectory() as tmp:
         images = pretraining_images(cfg.pretrain, cfg.tiny.image_size, Path(tmp))
         dataset = sft_dataset(images, "description", prompt_text=DESCRIBE_PROMPT)
-        model, state = fit(model, processor, dataset, cfg.pretrain.train, checkpoints, report_to=["mlflow"],
-                           progress_name="pretrain")
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
+        trainer = fit(model, processor, dataset, cfg.pretrain.train, checkpoints, report_to=["mlflow"],
+                      progress_name="pretrain")
+    save_trained(trainer, processor, out)
     finish(checkpoints)
+    state = trainer.state
     losses = [h["loss"] for h in state.log_history if "loss" in h]
     recorder.table("pretraining_samples.json", images.head(20)[["description"]])
     return {"kind": "tiny", "parameters": params, "vocab_size": len(processor.tokenizer),

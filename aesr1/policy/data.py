@@ -35,5 +35,5 @@ def sft_dataset(frame: pd.DataFrame, target_column: str, prompt_text: str | None
         "completion": [completion_messages(t) for t in frame[target_column]],
         "images": [[path] for path in frame["image_path"]],
     }
-    features = Features({"prompt": _MESSAGE, "completion": _MESSAGE, "images": List(Image())})
+    features = Features({"prompt": _MESSAGE, "completion": _MESSAGE, "images": List(Image(mode="RGB"))})
     return Dataset.from_dict(rows, features=features)

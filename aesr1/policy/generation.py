@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+from aesr1.images import load_image
 from aesr1.policy.data import prompt_messages
 
 POINTER = "backbone.json"  # a backbone folder that names a hub model or a folder instead of holding one
@@ -30,31 +30,46 @@ def resolve_model(path: str | Path) -> str:
     return str(path)
 
 
-def load_policy(name_or_path: str, dtype: str = "auto", device: str | None = None):
-    """(model, processor) from a local folder or a hub id; CPU float32 unless a GPU is present."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    torch_dtype = torch.float32 if device == "cpu" and dtype == "auto" else dtype
-    model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=torch_dtype).to(device)
-    processor = AutoProcessor.from_pretrained(name_or_path)
+def processor_source(path: str | Path) -> str:
+    """A model folder's own processor (it carries the pixel budget) if it has one, else its model's."""
+    folder = Path(path)
+    if any((folder / name).is_file() for name in ("preprocessor_config.json", "processor_config.json")):
+        return str(folder)
+    return resolve_model(path)
+
+
+def load_policy(path: str | Path, training: str | None = None):
+    """(model, processor) of a model folder (or a hub id).
+
+    For inference (``training`` None) the model goes to this process's device, in bf16 on
+    a GPU. For training (``training`` "full" or "lora") it stays on the CPU for the Trainer
+    (or DeepSpeed) to place: full fine-tuning keeps fp32 master weights (the Trainer's bf16
+    autocast computes in bf16; AdamW updating bf16 weights in place loses small steps), LoRA
+    keeps the frozen base in bf16 on a GPU and peft makes the adapters fp32.
+    """
+    from aesr1.distributed import device as process_device
+
+    on_gpu = torch.cuda.is_available()
+    if training == "full" or not on_gpu:
+        dtype = torch.float32
+    else:
+        dtype = torch.bfloat16
+    model = AutoModelForImageTextToText.from_pretrained(resolve_model(path), dtype=dtype)
+    if training is None:
+        model = model.to(process_device())
+    return model, load_processor(path)
+
+
+def load_processor(path: str | Path):
+    processor = AutoProcessor.from_pretrained(processor_source(path))
     processor.tokenizer.padding_side = "left"  # generation pads on the left
-    return model, processor
+    return processor
 
 
 def entropies(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Entropy (nats) of softmax(logits / T) along the last axis."""
     logp = torch.log_softmax(logits.float() / temperature, dim=-1)
     return -(logp.exp() * logp).sum(-1)
-
-
-def token_entropy(logits: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Mean entropy (nats) of softmax(logits / T) over the positions where ``mask`` is 1.
-
-    ``logits`` (batch, steps, vocab), ``mask`` (batch, steps). This is the paper's Tab. 3
-    measure when the logits are those of the policy's own sampled tokens.
-    """
-    entropy = entropies(logits, temperature)
-    mask = mask.to(entropy.dtype)
-    return (entropy * mask).sum() / mask.sum().clamp(min=1)
 
 
 @dataclass
@@ -100,6 +115,26 @@ def expected_answer(pieces: list[str], digit_logits: torch.Tensor) -> float:
     return p_one + (1.0 - p_one) * decimals
 
 
+class StepLogits:
+    """A forward hook on the LM head: per decoding step, the sampling entropy and the ten digit logits.
+
+    It reads the raw logits of the new position as the model computes them and keeps
+    (batch, 11) numbers per step, so memory does not grow with the vocabulary (stacking
+    every step's logits would: 50 x 512 steps x 152K vocabulary is 15 GB in fp32).
+    """
+
+    def __init__(self, temperature: float, digit_ids: list[int]):
+        self.temperature = temperature
+        self.digit_ids = digit_ids
+        self.entropy: list[torch.Tensor] = []
+        self.digits: list[torch.Tensor] = []
+
+    def __call__(self, module, inputs, output):
+        last = output[:, -1, :]
+        self.entropy.append(entropies(last, self.temperature).cpu())
+        self.digits.append(last[:, self.digit_ids].float().cpu())
+
+
 @torch.no_grad()
 def sample(model, processor, images: list, n: int = 1, temperature: float = 1.0,
            top_p: float = 1.0, top_k: int = 0, max_new_tokens: int = 256, batch_size: int = 16,
@@ -107,9 +142,29 @@ def sample(model, processor, images: list, n: int = 1, temperature: float = 1.0,
     """Generate ``n`` completions per image (a path or a PIL image) with the policy prompt.
 
     Besides the texts: the mean token entropy of what was sampled (at the sampling
-    temperature) and each completion's expected score. Each step's logits are reduced
-    (entropy, the ten digit logits) one step at a time, never stacked over the vocabulary.
+    temperature) and each completion's expected score. Launched on several processes, each
+    samples its share of the images and every process gets all results, in input order.
     """
+    from aesr1 import distributed
+
+    jobs = [image for image in images for _ in range(n)]
+    mine = distributed.shard(jobs)
+    batches = None
+    if distributed.launched():  # as many batches everywhere: ZeRO-3 gathers the weights in each forward, together
+        batches = math.ceil(math.ceil(len(jobs) / distributed.world_size()) / batch_size)
+    texts, expected, entropy_sum, token_count = _sample_here(
+        model, processor, mine, jobs[:1], temperature, top_p, top_k, max_new_tokens, batch_size, do_sample,
+        prompt_text, batches)
+    if distributed.launched():
+        parts = distributed.gather([(texts, expected, entropy_sum, token_count)])
+        texts = [t for part in parts for t in part[0]]
+        expected = [e for part in parts for e in part[1]]
+        entropy_sum, token_count = sum(p[2] for p in parts), sum(p[3] for p in parts)
+    return Sampled(texts, entropy_sum / token_count if token_count else math.nan, token_count, np.array(expected))
+
+
+def _sample_here(model, processor, jobs, filler, temperature, top_p, top_k, max_new_tokens, batch_size, do_sample,
+                 prompt_text, batches):
     prompt = processor.apply_chat_template(prompt_messages(prompt_text), add_generation_prompt=True, tokenize=False)
     tokenizer = processor.tokenizer
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
@@ -119,23 +174,32 @@ def sample(model, processor, images: list, n: int = 1, temperature: float = 1.0,
     expected: list[float] = []
     entropy_sum, token_count = 0.0, 0
     model.eval()
-    jobs = [image for image in images for _ in range(n)]
-    for start in range(0, len(jobs), batch_size):
-        chunk = jobs[start:start + batch_size]
-        pixels = [(image if isinstance(image, Image.Image) else Image.open(image)).convert("RGB") for image in chunk]
+    starts = list(range(0, len(jobs), batch_size))
+    if batches is not None:  # keep pace with the other processes: batches whose results are dropped
+        starts += [None] * (batches - len(starts))
+    for start in starts:
+        chunk = jobs[start:start + batch_size] if start is not None else filler
+        pixels = [load_image(image) for image in chunk]
         inputs = processor(text=[prompt] * len(chunk), images=pixels, return_tensors="pt", padding=True)
         inputs = inputs.to(model.device)
-        out = model.generate(
-            **inputs, max_new_tokens=max_new_tokens, do_sample=do_sample,
-            temperature=temperature if do_sample else None,
-            top_p=top_p if do_sample else None, top_k=top_k if do_sample else None, eos_token_id=eos,
-            pad_token_id=pad, output_logits=True, return_dict_in_generate=True)
-        new = out.sequences[:, inputs["input_ids"].shape[1]:]
+        steps = StepLogits(temperature if do_sample else 1.0, digit_ids)
+        hook = model.get_output_embeddings().register_forward_hook(steps)
+        try:
+            sequences = model.generate(
+                **inputs, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                temperature=temperature if do_sample else None,
+                top_p=top_p if do_sample else None, top_k=top_k if do_sample else None, eos_token_id=eos,
+                pad_token_id=pad)
+        finally:
+            hook.remove()
+        if start is None:
+            continue
+        new = sequences[:, inputs["input_ids"].shape[1]:].cpu()
         # tokens up to and including the first end-of-turn count; padding after it does not
         finished_before = torch.cumsum((new == eos).int(), dim=1) - (new == eos).int()
         mask = finished_before == 0
-        step_entropy = torch.stack([entropies(step, temperature if do_sample else 1.0) for step in out.logits], 1)
-        digit_logits = torch.stack([step[:, digit_ids] for step in out.logits], dim=1).cpu()
+        step_entropy = torch.stack(steps.entropy, 1)[:, :new.shape[1]]
+        digit_logits = torch.stack(steps.digits, 1)[:, :new.shape[1]]
         count = int(mask.sum())
         entropy_sum += float((step_entropy * mask).sum())
         token_count += count
@@ -144,5 +208,4 @@ def sample(model, processor, images: list, n: int = 1, temperature: float = 1.0,
             length = int(mask[row].sum())
             pieces = tokenizer.batch_decode([[t] for t in ids[:length]], skip_special_tokens=True)
             expected.append(expected_answer(pieces, digit_logits[row, :length]))
-        del out
-    return Sampled(texts, entropy_sum / token_count if token_count else math.nan, token_count, np.array(expected))
+    return texts, expected, entropy_sum, token_count

@@ -17,14 +17,14 @@ import pandas as pd
 
 from aesr1.config import config
 from aesr1.policy.data import sft_dataset
-from aesr1.policy.generation import load_policy, resolve_model
+from aesr1.policy.generation import load_processor
 from aesr1.policy.probe import HeldoutConfig, heldout_images, probe
-from aesr1.policy.train import TrainConfig, finish, fit, run_fingerprint, save_policy
+from aesr1.policy.train import TrainConfig, finish, fit, free_optimizer, run_fingerprint, save_trained
 
 if TYPE_CHECKING:  # the model code runs without MLflow too (benchmarks on a bare GPU machine)
     from aesr1.stage import Recorder
 
-log = logging.getLogger("aesr1.sft")
+log = logging.getLogger(__name__)
 
 
 @config
@@ -44,17 +44,20 @@ class SFTStageConfig:
 def sft(cfg: SFTStageConfig, recorder: Recorder) -> dict:
     corpus = pd.read_parquet(cfg.corpus)
     recorder.dataset(cfg.corpus, corpus, "training")
-    source = resolve_model(cfg.model)
-    model, processor = load_policy(source)
+    processor = load_processor(cfg.model)
     dataset = sft_dataset(corpus, "trajectory")
     checkpoints = Path(cfg.checkpoint_root) / f"sft-{run_fingerprint(cfg, corpus)}"
-    log.info("SFT of %s on %d trajectories (%s, %s epochs)", source, len(corpus), cfg.train.mode, cfg.train.epochs)
-    model, state = fit(model, processor, dataset, cfg.train, checkpoints, report_to=["mlflow"])
-    save_policy(model, processor, cfg.out_dir, cfg.log_model)
+    log.info("SFT of %s on %d trajectories (%s, %s epochs)", cfg.model, len(corpus), cfg.train.mode, cfg.train.epochs)
+    trainer = fit(cfg.model, processor, dataset, cfg.train, checkpoints, report_to=["mlflow"])
+    merge_into = cfg.model if cfg.train.mode == "lora" and cfg.train.merge_lora else None
+    save_trained(trainer, processor, cfg.out_dir, base=merge_into, log_model=cfg.log_model)
     finish(checkpoints)  # they only served to resume a killed run
 
+    free_optimizer(trainer)
+    state = trainer.state
     processor.tokenizer.padding_side = "left"
-    probe_metrics, table = probe(model, processor, heldout_images(cfg.test_manifest, cfg.heldout), cfg.heldout)
+    probe_metrics, table = probe(trainer.model, processor, heldout_images(cfg.test_manifest, cfg.heldout),
+                                 cfg.heldout)
     recorder.table("heldout_completions.json", table.head(50))
     losses = [h["loss"] for h in state.log_history if "loss" in h]
     train_stats = next((h for h in reversed(state.log_history) if "train_runtime" in h), {})

@@ -5,14 +5,16 @@ Used by the backbone's descriptive pretraining and by the cold-start SFT stage a
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import logging
 import math
 import shutil
 import time
+from dataclasses import field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import pandas as pd
 import torch
@@ -20,9 +22,11 @@ from datasets import Dataset
 from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
+from aesr1 import distributed
 from aesr1.config import config
+from aesr1.errors import AesError
 
-log = logging.getLogger("aesr1.train")
+log = logging.getLogger(__name__)
 
 # language-model projections only: the vision tower has MLPs with the same names
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
@@ -49,6 +53,7 @@ class TrainConfig:
     logging_steps: int = 5
     seed: int = 0
     gradient_checkpointing: bool = False
+    trl: dict[str, Any] = field(default_factory=dict)  # any other SFTConfig field, by trl's own name
 
 
 def freeze_vision(model) -> int:
@@ -124,23 +129,40 @@ def clock(seconds: float) -> str:
     return f"{minutes}m{secs:02d}s"
 
 
+def trl_arguments(config_class, owned: dict, options: dict) -> dict:
+    """The keyword arguments of a trl config: the project's own, plus ``options`` by trl's field names.
+
+    A name trl does not have is an error (a typo must not be ignored), and so is one the
+    project sets from its own params field (two places for one value).
+    """
+    import dataclasses
+    import difflib
+
+    fields = {f.name for f in dataclasses.fields(config_class)}
+    unknown = sorted(set(options) - fields)
+    if unknown:
+        hints = {name: difflib.get_close_matches(name, fields, n=1) for name in unknown}
+        raise AesError(f"{config_class.__name__} has no field(s) {unknown}"
+                       + "".join(f"; did you mean '{h[0]}' for '{n}'?" for n, h in hints.items() if h))
+    taken = sorted(set(options) & set(owned))
+    if taken:
+        raise AesError(f"{taken} are set by this project from its params (the section's own fields), not under 'trl'")
+    return {**owned, **options}
+
+
 def fit(model, processor, dataset: Dataset, cfg: TrainConfig, checkpoint_dir: Path,
         report_to: list[str] | None = None, callbacks: list | None = None, progress_name: str = "sft"):
     """Train with SFTTrainer (loss on the completion only); resume from the last checkpoint if any.
 
-    Returns the trained model (LoRA merged if ``cfg.merge_lora``) and the trainer's state.
+    ``model`` is a model, or a model folder that is loaded once the Trainer's arguments
+    exist (under DeepSpeed ZeRO-3 the weights are then partitioned while loading, never
+    whole on one GPU). Returns the trainer; :func:`save_trained` saves its model.
     """
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
     on_gpu = torch.cuda.is_available()
-    if cfg.freeze_vision:
-        log.info("froze %d vision parameters", freeze_vision(model))
-    peft_config = None
-    if cfg.mode == "lora":
-        peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                                 target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
-    args = SFTConfig(
+    args = SFTConfig(**trl_arguments(SFTConfig, dict(
         output_dir=str(checkpoint_dir), use_cpu=not on_gpu, bf16=on_gpu, num_train_epochs=cfg.epochs,
         learning_rate=cfg.learning_rate, lr_scheduler_type=cfg.lr_scheduler, warmup_steps=cfg.warmup,
         per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
@@ -148,7 +170,17 @@ def fit(model, processor, dataset: Dataset, cfg: TrainConfig, checkpoint_dir: Pa
         save_total_limit=1, seed=cfg.seed, report_to=report_to or [],
         gradient_checkpointing=cfg.gradient_checkpointing, completion_only_loss=True,
         dataloader_num_workers=0, disable_tqdm=True,  # StepProgress logs instead
-    )
+    ), cfg.trl))
+    if isinstance(model, (str, Path)):
+        from aesr1.policy.generation import load_policy
+
+        model, _ = load_policy(model, training=cfg.mode)
+    if cfg.freeze_vision:
+        log.info("froze %d vision parameters", freeze_vision(model))
+    peft_config = None
+    if cfg.mode == "lora":
+        peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                 target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=processor,
                          peft_config=peft_config, callbacks=[StepProgress(progress_name), *(callbacks or [])])
     quiet(trainer)
@@ -158,24 +190,58 @@ def fit(model, processor, dataset: Dataset, cfg: TrainConfig, checkpoint_dir: Pa
         if cfg.mode == "full":
             restore_weights(trainer.model, last)
     trainer.train(resume_from_checkpoint=last)
-    trained = trainer.model
-    if cfg.mode == "lora" and cfg.merge_lora:
-        trained = trained.merge_and_unload()
-    return trained, trainer.state
+    return trainer
+
+
+def save_trained(trainer, processor, out_dir: str | Path, base: str | Path | None = None,
+                 log_model: bool = False) -> Path:
+    """Save a trained policy once, as an ordinary model folder that ``from_pretrained`` loads.
+
+    The Trainer's ``save_model`` gathers the weights (under ZeRO-3 each process holds a
+    part) and writes on the main process only. A LoRA run with ``base`` is merged from
+    the saved adapter into a fresh load of ``base`` on the main process, so the merge
+    never sees partitioned weights. Every process returns once the folder is complete.
+    """
+    out = Path(out_dir)
+    from peft import PeftModel
+
+    if base is not None and isinstance(trainer.model, PeftModel):
+        adapter = out / "adapter"
+        trainer.save_model(str(adapter))
+        if distributed.is_main():
+            from transformers import AutoModelForImageTextToText
+
+            from aesr1.policy.generation import resolve_model
+
+            merged = AutoModelForImageTextToText.from_pretrained(resolve_model(base), dtype=torch.float32)
+            merged = PeftModel.from_pretrained(merged, adapter).merge_and_unload()
+            merged.save_pretrained(out)
+            shutil.rmtree(adapter)
+    else:
+        trainer.save_model(str(out))
+    if distributed.is_main():
+        processor.save_pretrained(out)
+        if log_model:
+            import mlflow
+
+            mlflow.log_artifacts(str(out), artifact_path="model")
+    distributed.barrier()
+    return out
+
+
+def free_optimizer(trainer) -> None:
+    """Drop the optimizer's state before sampling with the trained model (a 7B model's Adam moments alone
+    are 56 GB). Under DeepSpeed the engine owns it and is left as it is."""
+    if getattr(trainer, "is_deepspeed_enabled", False):
+        return
+    trainer.accelerator.free_memory()
+    trainer.optimizer = trainer.lr_scheduler = None
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def finish(checkpoint_dir: Path) -> None:
-    """Remove a finished run's checkpoints (they only serve to resume a killed run)."""
-    shutil.rmtree(checkpoint_dir, ignore_errors=True)
-
-
-def save_policy(model, processor, out_dir: str | Path, log_model: bool) -> Path:
-    """Save a trained policy as an ordinary model folder, optionally copy it to MLflow."""
-    out = Path(out_dir)
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    if log_model:
-        import mlflow
-
-        mlflow.log_artifacts(str(out), artifact_path="model")
-    return out
+    """Remove a finished run's checkpoints (they only serve to resume a killed run); main process only."""
+    if distributed.is_main():
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)

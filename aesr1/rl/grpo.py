@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from dataclasses import field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import pandas as pd
 import torch
@@ -24,19 +25,22 @@ from datasets import Dataset, Features, Image, List, Value
 from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
+from aesr1 import distributed
 from aesr1.config import config
 from aesr1.policy.data import prompt_messages
-from aesr1.policy.generation import load_policy, resolve_model
+from aesr1.policy.generation import load_policy
 from aesr1.policy.probe import HeldoutConfig, heldout_images, probe
 from aesr1.policy.train import (
     LORA_TARGETS,
     StepProgress,
     finish,
+    free_optimizer,
     freeze_vision,
     quiet,
     restore_weights,
     run_fingerprint,
-    save_policy,
+    save_trained,
+    trl_arguments,
 )
 from aesr1.rl.reward_funcs import RewardConfig, completion_text, make_reward_funcs, rewards_for_mode
 from aesr1.trajectory import band_of, parse_score
@@ -44,7 +48,7 @@ from aesr1.trajectory import band_of, parse_score
 if TYPE_CHECKING:  # the trainer runs without MLflow too (benchmarks/rl.py on a bare GPU machine)
     from aesr1.stage import Recorder
 
-log = logging.getLogger("aesr1.rl")
+log = logging.getLogger(__name__)
 
 
 @config
@@ -78,6 +82,7 @@ class GRPOParams:
     save_steps: int = 50
     completions_table_every: int = 10  # steps between completion tables logged to MLflow
     seed: int = 0
+    trl: dict[str, Any] = field(default_factory=dict)  # any other GRPOConfig field (vLLM, generation), by trl's name
 
 
 @config
@@ -104,7 +109,7 @@ def rl_dataset(frame: pd.DataFrame) -> Dataset:
     """Prompts with one image each, plus the columns the rewards read (image_id, score)."""
     rows = {"prompt": [prompt_messages()] * len(frame), "images": [[p] for p in frame.image_path],
             "image_id": list(frame.image_id), "score": [float(s) for s in frame.score]}
-    features = Features({"prompt": _PROMPT, "images": List(Image()), "image_id": Value("string"),
+    features = Features({"prompt": _PROMPT, "images": List(Image(mode="RGB")), "image_id": Value("string"),
                          "score": Value("float64")})
     return Dataset.from_dict(rows, features=features)
 
@@ -153,7 +158,7 @@ def grpo_config(cfg: RLStageConfig, checkpoints: Path, reward_weights: list[floa
 
     g = cfg.grpo
     on_gpu = torch.cuda.is_available()
-    return GRPOConfig(
+    return GRPOConfig(**trl_arguments(GRPOConfig, dict(
         output_dir=str(checkpoints), use_cpu=not on_gpu, bf16=on_gpu, seed=g.seed,
         per_device_train_batch_size=g.images_per_device * g.num_generations,
         gradient_accumulation_steps=g.grad_accum, num_generations=g.num_generations,
@@ -165,7 +170,7 @@ def grpo_config(cfg: RLStageConfig, checkpoints: Path, reward_weights: list[floa
         logging_steps=g.logging_steps, save_strategy="steps", save_steps=g.save_steps, save_total_limit=1,
         report_to=report_to, disable_tqdm=True, dataloader_num_workers=0, shuffle_dataset=True,
         log_completions=True, num_completions_to_print=0, log_multimodal=False,  # files for CompletionTables
-    )
+    ), g.trl))
 
 
 def rl_images(cfg: RLStageConfig) -> pd.DataFrame:
@@ -191,20 +196,20 @@ def build_trainer(cfg: RLStageConfig, report_to: list[str], callbacks: list) -> 
     from trl import GRPOTrainer
 
     train = rl_images(cfg)
-    model, processor = load_policy(resolve_model(cfg.model))
-    if cfg.grpo.freeze_vision:
-        freeze_vision(model)
     names, weights = rewards_for_mode(cfg.rewards)
     reward_funcs = make_reward_funcs(names, cfg.rewards)
     checkpoints = Path(cfg.checkpoint_root) / f"rl-{run_fingerprint(cfg, train)}"
+    args = grpo_config(cfg, checkpoints, weights, report_to)  # before the model: ZeRO-3 partitions it while loading
+    model, processor = load_policy(cfg.model, training=cfg.grpo.mode)
+    if cfg.grpo.freeze_vision:
+        freeze_vision(model)
     peft_config = None
     if cfg.grpo.mode == "lora":
         peft_config = LoraConfig(r=cfg.grpo.lora_r, lora_alpha=cfg.grpo.lora_alpha,
                                  lora_dropout=cfg.grpo.lora_dropout, target_modules=LORA_TARGETS,
                                  task_type="CAUSAL_LM")
     processor.tokenizer.padding_side = "left"
-    trainer = GRPOTrainer(model=model, reward_funcs=reward_funcs,
-                          args=grpo_config(cfg, checkpoints, weights, report_to),
+    trainer = GRPOTrainer(model=model, reward_funcs=reward_funcs, args=args,
                           train_dataset=rl_dataset(train), processing_class=processor, peft_config=peft_config,
                           callbacks=callbacks)
     return trainer, processor, train, names, weights, checkpoints
@@ -224,16 +229,17 @@ def rl(cfg: RLStageConfig, recorder: Recorder) -> dict:
         if cfg.grpo.mode == "full":
             restore_weights(trainer.model, last)
     log.info("RAPO on %s: %d images, rewards %s weights %s", cfg.model, len(train), names, weights)
-    trainer.train(resume_from_checkpoint=last)
+    with warnings.catch_warnings():  # trl asks a deprecated transformers property at every step
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        trainer.train(resume_from_checkpoint=last)
 
-    trained = trainer.model
-    if cfg.grpo.mode == "lora":
-        trained = trained.merge_and_unload()
-    out = save_policy(trained, processor, cfg.out_dir, cfg.log_model)
+    out = save_trained(trainer, processor, cfg.out_dir, base=cfg.model if cfg.grpo.mode == "lora" else None,
+                       log_model=cfg.log_model)
     finish(checkpoints)  # they only served to resume a killed run
 
     history = pd.DataFrame([h for h in trainer.state.log_history if "loss" in h])
-    history.to_csv(out / "training_history.csv", index=False)  # the reward/entropy curves
+    if distributed.is_main():
+        history.to_csv(out / "training_history.csv", index=False)  # the reward/entropy curves
 
     def first_last(column: str) -> dict:
         if column not in history or history[column].dropna().empty:
@@ -242,9 +248,9 @@ def rl(cfg: RLStageConfig, recorder: Recorder) -> dict:
         window = max(1, len(values) // 5)
         return {"first": float(values.head(window).mean()), "last": float(values.tail(window).mean())}
 
+    free_optimizer(trainer)
     reward_columns = [c for c in history.columns if c.startswith("rewards/") and c.endswith("/mean")]
-    trained.eval()
-    heldout, table = probe(trained, processor, heldout_images(cfg.test_manifest, cfg.heldout), cfg.heldout)
+    heldout, table = probe(trainer.model, processor, heldout_images(cfg.test_manifest, cfg.heldout), cfg.heldout)
     recorder.table("heldout_completions.json", table.head(50))
     return {
         "heldout": heldout,

@@ -1,0 +1,70 @@
+"""Recipes per backbone: selected in one line, merged over params.yaml, and a guard against the tiny model's values."""
+
+import shutil
+
+import pytest
+import yaml
+from conftest import REPO
+
+from aesr1.config import ParamsError, load_section
+from aesr1.errors import AesError
+from aesr1.policy.backbone import BackboneConfig
+from aesr1.policy.sft import SFTStageConfig
+from aesr1.policy.train import trl_arguments
+from aesr1.rl.grpo import RLStageConfig
+
+
+@pytest.fixture
+def params(tmp_path):
+    shutil.copytree(REPO / "configs", tmp_path / "configs")
+    data = yaml.safe_load((REPO / "params.yaml").read_text())
+
+    def write(**top):
+        path = tmp_path / "params.yaml"
+        path.write_text(yaml.safe_dump({**data, **top}))
+        return path
+    return write, data
+
+
+def test_a_real_backbone_with_the_tiny_models_values_stops_and_names_the_recipe(params):
+    write, data = params
+    path = write(backbone={**data["backbone"], "name_or_path": "Qwen/Qwen2.5-VL-7B-Instruct"})
+    for section, cls in (("sft", SFTStageConfig), ("rl", RLStageConfig)):
+        with pytest.raises(ParamsError, match="recipe: qwen2.5-vl-7b"):
+            load_section(path, section, cls)
+    assert load_section(path, "backbone", BackboneConfig).name_or_path == "Qwen/Qwen2.5-VL-7B-Instruct"
+    custom = write(recipe="custom", backbone={**data["backbone"], "name_or_path": "Qwen/Qwen2.5-VL-7B-Instruct"})
+    assert load_section(custom, "sft", SFTStageConfig).train.learning_rate == data["sft"]["train"]["learning_rate"]
+
+
+def test_the_7b_recipe_is_one_line_and_merges_over_the_sections(params):
+    write, data = params
+    path = write(recipe="qwen2.5-vl-7b")
+    sft = load_section(path, "sft", SFTStageConfig)
+    rl = load_section(path, "rl", RLStageConfig)
+    backbone = load_section(path, "backbone", BackboneConfig)
+    assert backbone.name_or_path == "Qwen/Qwen2.5-VL-7B-Instruct" and backbone.max_pixels == 262_144
+    assert (sft.train.learning_rate, sft.train.epochs, sft.train.freeze_vision) == (1e-5, 1, True)
+    assert (rl.grpo.learning_rate, rl.grpo.temperature, rl.grpo.max_completion_length) == (1e-6, 1.0, 512)
+    assert sft.corpus == data["sft"]["corpus"] and rl.rewards.mode == "error+rank"  # the rest is params.yaml's
+    with pytest.raises(ParamsError, match="no file"):
+        load_section(write(recipe="qwen9"), "sft", SFTStageConfig)
+
+
+def test_each_section_a_recipe_sets_belongs_to_a_stage_that_depends_on_the_recipe():
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    for recipe in (REPO / "configs/recipes").glob("*.yaml"):
+        for section in yaml.safe_load(recipe.read_text()):
+            assert "recipe" in stages[section]["params"] and "configs/recipes" in stages[section]["deps"], section
+
+
+def test_trl_options_pass_through_by_trls_own_names():
+    from trl import GRPOConfig
+
+    owned = {"learning_rate": 1e-6}
+    assert trl_arguments(GRPOConfig, owned, {"vllm_gpu_memory_utilization": 0.3}) == {
+        "learning_rate": 1e-6, "vllm_gpu_memory_utilization": 0.3}
+    with pytest.raises(AesError, match="did you mean 'vllm_gpu_memory_utilization'"):
+        trl_arguments(GRPOConfig, owned, {"vllm_gpu_memory_utilisation": 0.3})
+    with pytest.raises(AesError, match="set by this project"):
+        trl_arguments(GRPOConfig, owned, {"learning_rate": 1e-5})
