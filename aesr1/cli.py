@@ -34,7 +34,7 @@ def _run_stage(args: argparse.Namespace) -> None:
 
 def _review(args: argparse.Namespace) -> None:
     from aesr1.aescot import review
-    from aesr1.aescot.corpus import FilterStageConfig
+    from aesr1.aescot.filter import FilterStageConfig
     from aesr1.config import load_section
 
     cfg = load_section(args.params, "filter", FilterStageConfig)
@@ -48,25 +48,26 @@ def _review(args: argparse.Namespace) -> None:
               f"{cfg.review_decisions}; the filter stage honours them on its next run (dvc repro)")
 
 
-# stage -> (module, config class, stage function, help)
+# stage -> (module, config class, stage function, help). Stage X is the function X in the module
+# aesr1/<package>/X.py (filter's is filter_corpus: the name filter is Python's builtin).
 STAGES = {
-    "synth": ("aesr1.data.synth", "SynthConfig", "synth_stage",
+    "synth": ("aesr1.data.synth", "SynthConfig", "synth",
               "Generate AesSynth, the procedural dataset, in the five native formats (params: synth)."),
     "ingest": ("aesr1.data.ingest", "IngestConfig", "ingest",
                "Read the datasets' native annotation files into a checked train/test manifest (params: ingest)."),
     "distill": ("aesr1.aescot.distill", "DistillConfig", "distill",
                 "Ask a teacher for score-masked critiques of the training images and build <think>/<answer> "
                 "trajectories (params: distill)."),
-    "filter": ("aesr1.aescot.corpus", "FilterStageConfig", "filter_corpus",
+    "filter": ("aesr1.aescot.filter", "FilterStageConfig", "filter_corpus",
                "Triple-filter the distilled critiques (leak, align, fact), apply review decisions, check the "
                "AesCoT corpus (params: filter)."),
     "backbone": ("aesr1.policy.backbone", "BackboneConfig", "backbone",
                  "Build the tiny Qwen2.5-VL (with descriptive pretraining) or point at a real VLM (params: backbone)."),
     "sft": ("aesr1.policy.sft", "SFTStageConfig", "sft",
             "Cold-start SFT on the AesCoT corpus, then measure the starting entropy (params: sft)."),
-    "rl": ("aesr1.rl.grpo", "RLStageConfig", "rl",
+    "rl": ("aesr1.rl.rl", "RLStageConfig", "rl",
            "RAPO: GRPO with the relative (rank) and absolute (error) rewards (params: rl)."),
-    "evaluate": ("aesr1.evaluation.stage", "EvaluateConfig", "evaluate",
+    "evaluate": ("aesr1.evaluation.evaluate", "EvaluateConfig", "evaluate",
                  "Score every test set with each model: PLCC/SRCC, unparseable rate, noise ceiling, critique "
                  "quality, entropy, plots, report; register the RAPO model in MLflow (params: evaluate)."),
 }
@@ -80,7 +81,7 @@ def _score(args: argparse.Namespace) -> int:
     import json
 
     from aesr1.config import load_section
-    from aesr1.evaluation.stage import EvaluateConfig
+    from aesr1.evaluation.evaluate import EvaluateConfig
     from aesr1.inference import DecodingConfig, decode_image, image_files, load_scorer
 
     model = args.model or next((m for m in PIPELINE_MODELS if (Path(m) / "config.json").is_file()), None)

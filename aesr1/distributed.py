@@ -49,14 +49,17 @@ def device():
     return state().device
 
 
+def rank() -> int:
+    """This process's index among the launched processes (0 on one process)."""
+    return state().process_index if launched() else 0
+
+
 def shard(items: list) -> list:
-    """This process's contiguous share of ``items``; the shares of all processes cover each item once."""
+    """This process's contiguous share of ``items`` (accelerate's split); the shares cover each item once."""
     if not launched():
         return list(items)
-    n, rank = world_size(), state().process_index
-    size, extra = divmod(len(items), n)
-    start = rank * size + min(rank, extra)
-    return items[start:start + size + (rank < extra)]
+    with state().split_between_processes(list(items)) as share:
+        return list(share)
 
 
 def gather(values: list) -> list:

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from aesr1.config import load_section
-from aesr1.evaluation.stage import EvaluateConfig
+from aesr1.evaluation.evaluate import EvaluateConfig
 from aesr1.images import load_image
 from aesr1.metrics import correlations
 
@@ -31,12 +31,17 @@ def pixels(paths, size: int) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
 
-def cnn() -> nn.Module:
+def cnn(mean_score: float) -> nn.Module:
+    """Three conv blocks and a small head; the output starts at the mean score (from 0, the first steps'
+    large errors drove every unit of the head's ReLU dead and the prediction went constant)."""
     def block(c_in, c_out):
         return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(),
                              nn.Conv2d(c_out, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(), nn.MaxPool2d(2))
+    head = nn.Linear(64, 1)
+    nn.init.zeros_(head.weight)
+    nn.init.constant_(head.bias, mean_score)
     return nn.Sequential(block(3, 16), block(16, 32), block(32, 64), nn.AdaptiveAvgPool2d(4), nn.Flatten(),
-                         nn.Dropout(0.3), nn.Linear(64 * 16, 64), nn.ReLU(), nn.Linear(64, 1))
+                         nn.Dropout(0.3), nn.Linear(64 * 16, 64), nn.GELU(), head)
 
 
 @torch.no_grad()
@@ -61,7 +66,7 @@ def main() -> None:
     x, y = pixels(train.image_path, args.size), torch.tensor(train.score.to_numpy(), dtype=torch.float32)
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(args.seed))
     held, fit = order[: len(x) // 10], order[len(x) // 10:]
-    model = cnn()
+    model = cnn(float(y[fit].mean()))
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.epochs)
     best, best_state = -np.inf, None

@@ -21,7 +21,7 @@ import torch
 from transformers import TrainerCallback
 
 from aesr1.config import load_section
-from aesr1.rl.grpo import RLStageConfig, build_trainer
+from aesr1.rl.rl import RLStageConfig, build_trainer
 
 
 def synchronize() -> None:

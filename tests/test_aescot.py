@@ -9,8 +9,8 @@ import pytest
 
 from aesr1.aescot import review
 from aesr1.aescot.claims import BY_ID, DIMENSIONS, dimensions_addressed
-from aesr1.aescot.corpus import FilterStageConfig, filter_corpus
 from aesr1.aescot.distill import DistillConfig, distill
+from aesr1.aescot.filter import FilterStageConfig, filter_corpus
 from aesr1.aescot.filters import FilterConfig, align_errors, check, fact_errors, leak_errors
 from aesr1.aescot.measure import measure, measure_file
 from aesr1.aescot.teachers import AnalyticTeacher, AnalyticTeacherConfig
@@ -204,7 +204,7 @@ def test_corpus_check_refuses_a_kept_leak(tmp_path, synth_train):
     distilled = pd.read_parquet(out / "distilled.parquet")
     distilled.loc[0, "critique"] += " I would rate it 7/10."
     distilled.to_parquet(out / "distilled.parquet")
-    from aesr1.aescot.corpus import critique_sha
+    from aesr1.aescot.filter import critique_sha
     decisions = tmp_path / "decisions.csv"
     decisions.write_text(f"image_id,critique_sha,decision,note\n{distilled.image_id[0]},"
                          f"{critique_sha(distilled.critique[0])},keep,\n")

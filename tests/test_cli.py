@@ -19,6 +19,17 @@ def test_every_dvc_stage_has_a_subcommand_with_help():
         assert done.returncode == 0 and "--params" in done.stdout, name
 
 
+def test_a_stage_is_found_from_its_name():
+    """Stage X is the function X in aesr1/<package>/X.py (filter's is filter_corpus, not the builtin's name)."""
+    import importlib
+
+    for name, (module, config_class, function, _) in STAGES.items():
+        assert module.startswith("aesr1.") and module.rsplit(".", 1)[1] == name, module
+        assert function == ("filter_corpus" if name == "filter" else name)
+        assert callable(getattr(importlib.import_module(module), function))
+        assert hasattr(importlib.import_module(module), config_class)
+
+
 def test_bad_params_give_a_clear_error(tmp_path, capsys):
     (tmp_path / "params.yaml").write_text("ingest:\n  train_sise: 10\n")
     assert main(["ingest", "--params", str(tmp_path / "params.yaml")]) == 2

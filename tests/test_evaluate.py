@@ -11,9 +11,9 @@ from conftest import write_jpeg
 
 from aesr1.aescot.measure import ImageStats
 from aesr1.errors import AesError
+from aesr1.evaluation.evaluate import critique_quality, noise_ceilings, score_metrics, summarise
 from aesr1.evaluation.plots import history_curves
 from aesr1.evaluation.report import write_report
-from aesr1.evaluation.stage import critique_quality, noise_ceilings, score_metrics, summarise
 from aesr1.inference import decode_image, image_files, image_scores
 from aesr1.stage import write_metrics
 from aesr1.trajectory import make_trajectory
@@ -159,7 +159,7 @@ def test_the_expected_score_reads_the_policys_digit_distribution_at_its_answer()
 
 
 def test_readouts_first_sample_expected_and_mean():
-    from aesr1.evaluation.stage import readout_scores
+    from aesr1.evaluation.evaluate import readout_scores
 
     texts = [make_trajectory("a", 0.2), make_trajectory("b", 0.4), "garbage", make_trajectory("c", 0.9)]
     expected = np.array([0.25, np.nan, 0.1, 0.8])  # the third has an expectation but no parseable score
@@ -171,7 +171,7 @@ def test_readouts_first_sample_expected_and_mean():
 
 
 def test_standard_errors_and_paired_differences():
-    from aesr1.evaluation.stage import EvaluateConfig, comparisons, readout_metrics, summarise
+    from aesr1.evaluation.evaluate import EvaluateConfig, comparisons, readout_metrics, summarise
 
     rng = np.random.default_rng(0)
     n = 200

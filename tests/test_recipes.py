@@ -11,7 +11,7 @@ from aesr1.errors import AesError
 from aesr1.policy.backbone import BackboneConfig
 from aesr1.policy.sft import SFTStageConfig
 from aesr1.policy.train import trl_arguments
-from aesr1.rl.grpo import RLStageConfig
+from aesr1.rl.rl import RLStageConfig
 
 
 @pytest.fixture

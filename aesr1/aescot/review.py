@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from aesr1.aescot.corpus import DECISION_COLUMNS, FilterStageConfig, critique_sha, read_decisions
+from aesr1.aescot.filter import DECISION_COLUMNS, FilterStageConfig, critique_sha, read_decisions
 from aesr1.errors import AesError
 from aesr1.images import load_image
 

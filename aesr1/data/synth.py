@@ -327,7 +327,7 @@ def generate(cfg: SynthConfig) -> dict:
     return {"images": len(jobs), "datasets": counts, "truncated_images": truncated}
 
 
-def synth_stage(cfg: SynthConfig, recorder) -> dict:
+def synth(cfg: SynthConfig, recorder) -> dict:
     """The ``synth`` stage: generate AesSynth; the sidecar of latent scores goes to MLflow."""
     counts = generate(cfg)
     recorder.artifact(Path(cfg.out_dir) / LATENT_FILE)

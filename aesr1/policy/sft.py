@@ -55,7 +55,6 @@ def sft(cfg: SFTStageConfig, recorder: Recorder) -> dict:
 
     free_optimizer(trainer)
     state = trainer.state
-    processor.tokenizer.padding_side = "left"
     probe_metrics, table = probe(trainer.model, processor, heldout_images(cfg.test_manifest, cfg.heldout),
                                  cfg.heldout)
     recorder.table("heldout_completions.json", table.head(50))

@@ -13,6 +13,7 @@ from typing import Literal
 
 import numpy as np
 
+from aesr1 import distributed
 from aesr1.config import config
 from aesr1.errors import AesError
 from aesr1.rl.rewards import binary_reward, rapo_rewards
@@ -57,14 +58,9 @@ def _ground_truth(image_ids: list, scores: list[float], n: int) -> np.ndarray:
 
 def _gather(items: list) -> tuple[list, int]:
     """Every process's items, concatenated in rank order, and where this process's start."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return items, 0
-    everyone: list = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, items)
-    offset = sum(len(part) for part in everyone[: dist.get_rank()])
-    return [item for part in everyone for item in part], offset
+    parts = distributed.gather([items])  # one list per process
+    offset = sum(len(part) for part in parts[: distributed.rank()])
+    return [item for part in parts for item in part], offset
 
 
 def parsed_scores(completions) -> list[float]:

@@ -208,7 +208,6 @@ def build_trainer(cfg: RLStageConfig, report_to: list[str], callbacks: list) -> 
         peft_config = LoraConfig(r=cfg.grpo.lora_r, lora_alpha=cfg.grpo.lora_alpha,
                                  lora_dropout=cfg.grpo.lora_dropout, target_modules=LORA_TARGETS,
                                  task_type="CAUSAL_LM")
-    processor.tokenizer.padding_side = "left"
     trainer = GRPOTrainer(model=model, reward_funcs=reward_funcs, args=args,
                           train_dataset=rl_dataset(train), processing_class=processor, peft_config=peft_config,
                           callbacks=callbacks)
