@@ -2,11 +2,15 @@
 
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
-from conftest import write_jpeg
+from conftest import REPO, with_venv, write_jpeg
 from transformers import TrainerCallback
 
 from aesr1.policy.backbone import BackboneConfig, PretrainConfig, TinyModelConfig, backbone, build_tiny, build_tokenizer
@@ -103,6 +107,26 @@ def test_sft_lowers_the_loss_and_writes_a_loadable_model(tmp_path, tiny_backbone
     assert not any("lora" in n for n, _ in reloaded.named_parameters())  # LoRA was merged
     out = sample(reloaded, reloaded_processor, list(trajectories.image_path[:2]), n=2, max_new_tokens=12)
     assert len(out.texts) == 4 and out.tokens > 0
+
+
+def test_lora_sft_on_two_processes_saves_one_merged_model(tmp_path, tiny_backbone, trajectories):
+    """torchrun, 2 processes (gloo): each trains on half the batches; the adapter is saved and merged once."""
+    folder, _ = tiny_backbone
+    trajectories.to_parquet(tmp_path / "trajectories.parquet")
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2",
+         str(REPO / "tests/multiprocess/lora_sft.py"), str(folder), str(tmp_path / "trajectories.parquet"),
+         str(tmp_path)], cwd=REPO, env=with_venv(dict(os.environ)), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    # 12 trajectories, 2 per process and step: 3 steps per epoch, 2 epochs, the same count on both
+    assert [(r["world"], r["steps"], r["saved"]) for r in ranks] == [(2, 6, True)] * 2
+    assert not (tmp_path / "sft" / "adapter").exists()  # merged, then the adapter removed
+    merged, _ = load_policy(str(tmp_path / "sft"))
+    base, _ = load_policy(str(folder))
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    changed = [n for n, p in merged.named_parameters() if not torch.equal(p, base.get_parameter(n))]
+    assert changed and all("language_model" in n and n.endswith("proj.weight") for n in changed), changed
 
 
 class _StopAt(TrainerCallback):
