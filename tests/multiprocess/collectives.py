@@ -9,7 +9,7 @@ from aesr1.trajectory import make_trajectory
 
 
 def main(out: str) -> None:
-    rank = distributed.state().process_index
+    rank = distributed.rank()
     items = list(range(7))
     mine = distributed.shard(items)
     # 4 images x 2 completions in all; process 0 holds images a, b and process 1 images c, d
