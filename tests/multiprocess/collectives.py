@@ -22,6 +22,8 @@ def main(out: str) -> None:
     with open(f"{out}/rank{rank}.json", "w") as f:
         json.dump({"main": distributed.is_main(), "shard": mine, "gathered": distributed.gather(mine),
                    "rank_reward": rewards, "world": distributed.world_size()}, f)
+    distributed.barrier()
+    distributed.state().destroy_process_group()  # a gloo group left open at exit can abort the process
 
 
 if __name__ == "__main__":
