@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from aesr1 import distributed
 from aesr1.distributed import quiet_other_processes
 from aesr1.errors import AesError
 
@@ -30,6 +31,7 @@ def _run_stage(args: argparse.Namespace) -> None:
     module_name, config_name, function_name, _ = STAGES[args.command]
     module = importlib.import_module(module_name)
     run_stage(args.command, args.params, getattr(module, config_name), getattr(module, function_name))
+    distributed.close()
 
 
 def _review(args: argparse.Namespace) -> None:

@@ -44,6 +44,15 @@ def barrier() -> None:
         state().wait_for_everyone()
 
 
+def close() -> None:
+    """Wait for every process, then close the process group: a gloo group left open at exit can abort the process."""
+    import torch.distributed
+
+    if launched() and torch.distributed.is_initialized():
+        barrier()
+        state().destroy_process_group()
+
+
 def device():
     """This process's device: its own GPU under a launcher, else the GPU or the CPU."""
     return state().device

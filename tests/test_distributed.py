@@ -37,6 +37,10 @@ def test_shards_cover_each_item_once_and_gather_restores_the_order(two_processes
     assert first["gathered"] == second["gathered"] == list(range(7))
 
 
+def test_close_ends_the_process_group_on_every_process(two_processes):
+    assert all(seen["closed"] for seen in two_processes)
+
+
 def test_the_rank_reward_ranks_against_the_global_batch(two_processes):
     """Each process ranks its images against all four, so the rewards equal one process's over the whole batch."""
     ids = ["a", "a", "b", "b", "c", "c", "d", "d"]

@@ -3,6 +3,8 @@
 import json
 import sys
 
+import torch.distributed
+
 from aesr1 import distributed
 from aesr1.rl.reward_funcs import RankReward, RewardConfig
 from aesr1.trajectory import make_trajectory
@@ -19,11 +21,12 @@ def main(out: str) -> None:
     completions = [[{"role": "assistant", "content": make_trajectory("a critique", p)}]
                    for i in dict.fromkeys(ids) for p in preds[i]]
     rewards = RankReward(RewardConfig())(None, completions, ids, [truth[i] for i in ids])
+    seen = {"main": distributed.is_main(), "shard": mine, "gathered": distributed.gather(mine),
+            "rank_reward": rewards, "world": distributed.world_size()}
+    distributed.close()
+    seen["closed"] = not torch.distributed.is_initialized()
     with open(f"{out}/rank{rank}.json", "w") as f:
-        json.dump({"main": distributed.is_main(), "shard": mine, "gathered": distributed.gather(mine),
-                   "rank_reward": rewards, "world": distributed.world_size()}, f)
-    distributed.barrier()
-    distributed.state().destroy_process_group()  # a gloo group left open at exit can abort the process
+        json.dump(seen, f)
 
 
 if __name__ == "__main__":

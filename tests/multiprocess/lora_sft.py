@@ -23,8 +23,7 @@ def main(backbone: str, trajectories: str, out: str) -> None:
     (Path(out) / f"rank{rank}.json").write_text(json.dumps(
         {"world": distributed.world_size(), "steps": trainer.state.global_step,
          "saved": (Path(out) / "sft" / "config.json").is_file()}))
-    distributed.barrier()
-    distributed.state().destroy_process_group()  # a gloo group left open at exit can abort the process
+    distributed.close()
 
 
 if __name__ == "__main__":
