@@ -45,10 +45,15 @@ def barrier() -> None:
 
 
 def close() -> None:
-    """Wait for every process, then close the process group: a gloo group left open at exit can abort the process."""
+    """Wait for every process, then close the process group: a gloo group left open at exit can abort the process.
+
+    On one process there is no group, and torch is not imported for nothing (3 s on the data stages).
+    """
+    if not launched():
+        return
     import torch.distributed
 
-    if launched() and torch.distributed.is_initialized():
+    if torch.distributed.is_initialized():
         barrier()
         state().destroy_process_group()
 

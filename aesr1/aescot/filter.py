@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import field
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import pandas as pd
 
 from aesr1.aescot.claims import DIMENSIONS, dimensions_addressed
 from aesr1.aescot.filters import LEAK_REGEX, FilterConfig, check
-from aesr1.aescot.measure import measure_file
+from aesr1.aescot.measure import measure_files
 from aesr1.checks import validate
 from aesr1.config import config
 from aesr1.errors import AesError
@@ -42,7 +41,7 @@ class FilterStageConfig:
     min_words: int = 20
     max_words: int = 250
     sample_table_rows: int = 50
-    io_workers: int = 4
+    io_workers: int = 2  # processes reading and measuring the images
 
 
 def critique_sha(critique: str) -> str:
@@ -66,8 +65,7 @@ def read_decisions(path: str | Path) -> pd.DataFrame:
 
 def triage(distilled: pd.DataFrame, cfg: FilterStageConfig) -> pd.DataFrame:
     """Errors per sample: one row per distilled sample with leak/align/fact lists."""
-    with ThreadPoolExecutor(max(1, cfg.io_workers)) as pool:
-        stats = list(pool.map(measure_file, distilled.image_path))
+    stats = measure_files(distilled.image_path, cfg.io_workers)
     found = [check(c, b, s, cfg.align) for c, b, s in zip(distilled.critique, distilled.band, stats)]
     return pd.DataFrame(found, index=distilled.index, columns=list(KINDS))
 

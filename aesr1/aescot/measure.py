@@ -6,6 +6,8 @@ downscaled to at most 128 px on the long side first, for speed and scale invaria
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,3 +128,16 @@ def measure(rgb: np.ndarray) -> ImageStats:
 
 def measure_file(path: str | Path) -> ImageStats:
     return measure(load_rgb(path))
+
+
+def measure_files(paths: Iterable[str | Path], workers: int) -> list[ImageStats]:
+    """:func:`measure_file` over many images, on ``workers`` processes.
+
+    Processes, not threads: on small images the measures are many small numpy calls that hold
+    the GIL (4,500 64-px images: 8.7 s in one thread, 12.7 s on four, 4.4 s on two processes).
+    """
+    paths = list(paths)
+    if workers <= 1:
+        return [measure_file(p) for p in paths]
+    with ProcessPoolExecutor(workers) as pool:
+        return list(pool.map(measure_file, paths, chunksize=max(1, len(paths) // (4 * workers))))
