@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from aesr1.errors import AesError
-from aesr1.evaluation.ablation import findings, write_ablation_report
+from aesr1.evaluation.ablation import PAPER, findings, write_ablation_report
 from flows.ablations import COMMON, experiment_name, experiment_results, study_settings
 
 
@@ -46,9 +46,12 @@ def test_results_come_from_dvc_exp_show_by_experiment_name():
 
 
 def test_findings_say_which_of_the_papers_shapes_hold():
-    paper_like = pd.DataFrame({"setting": ["binary", "error", "rank", "binary+rank", "error+rank"],
-                               "plcc": [0.42, 0.56, 0.45, 0.59, 0.63], "srcc": [0.44, 0.56, 0.59, 0.58, 0.61]})
+    paper = PAPER["rewards"]
+    paper_like = pd.DataFrame({"setting": paper.setting, "plcc": paper.paper_plcc, "srcc": paper.paper_srcc})
     assert all(held for _, held in findings("rewards", paper_like))
+    noisy = paper_like.assign(plcc_se=0.02, srcc_se=0.02)  # the paper's error-only gap (0.006) is within noise
+    assert dict(findings("rewards", noisy))[
+        "error-only: PLCC above SRCC by more than twice their combined standard error"] is False
     flat = paper_like.assign(plcc=0.5, srcc=0.5)
     verdicts = dict(findings("rewards", flat))
     assert verdicts["rank-only ranks better than it calibrates (SRCC > PLCC)"] is False

@@ -62,6 +62,8 @@ def findings(study: str, ours: pd.DataFrame) -> list[tuple[str, bool | None]]:
              holds(v("rank", "srcc"), v("rank", "plcc"), lambda s, p: s - p > margin["rank"])),
             ("error-only calibrates at least as well as it ranks (PLCC >= SRCC)",
              holds(v("error", "plcc"), v("error", "srcc"), lambda p, s: p >= s)),
+            ("error-only: PLCC above SRCC by more than twice their combined standard error",
+             holds(v("error", "plcc"), v("error", "srcc"), lambda p, s: p - s > margin["error"])),
             ("error-only is better calibrated than rank-only (higher PLCC)",
              holds(v("error", "plcc"), v("rank", "plcc"), lambda e, r: e > r)),
             ("error-only ranks worse than rank-only (lower SRCC)",
