@@ -186,6 +186,10 @@ def test_a_failed_stage_keeps_earlier_outputs_and_a_rerun_resumes_there(tmp_path
 
         (root / "params.yaml").write_text(good_params)
         state = pipeline(stages=stages, root=str(root), return_state=True)
+        # inside the harness: an exception leaving it skips its server's stop (prefect_test_harness has no
+        # finally), and the server's atexit stop then logs to pytest's closed stdout
+        with pytest.raises(AesError, match="unknown stages"):
+            pipeline(stages=["nope"], root=str(root))
     assert state.is_completed(), state
     assert state.result() == stages
     assert train.stat().st_mtime_ns == first_build  # ingest was not redone
@@ -193,9 +197,6 @@ def test_a_failed_stage_keeps_earlier_outputs_and_a_rerun_resumes_there(tmp_path
     runs = stage_runs(env["MLFLOW_TRACKING_URI"])
     # the invalid params stopped distill before its run began; the rerun's distill is the only one
     assert sorted(runs["tags.mlflow.runName"]) == ["distill", "ingest", "synth"]
-    with pytest.raises(AesError, match="unknown stages"):
-        with prefect_test_harness():
-            pipeline(stages=["nope"], root=str(root))
 
 
 def test_an_ablation_runs_as_queued_dvc_experiments_and_reports_beside_the_paper(reproduced, monkeypatch):
