@@ -125,7 +125,10 @@ def main() -> None:
     start = time.perf_counter()
     read = {"pixels": lambda paths: pixels(paths, args.size), "tower": lambda paths: tower_tokens(args.model, paths),
             "stats": image_stats}[args.inputs]
-    x, y = read(list(train.image_path)), torch.tensor(train.score.to_numpy(), dtype=torch.float32)
+    # one read of every image (the tower is loaded once): training rows first, then the test rows
+    features = read(list(train.image_path) + list(test.image_path))
+    x, test_x = features[: len(train)], features[len(train):]
+    y = torch.tensor(train.score.to_numpy(), dtype=torch.float32)
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(args.seed))
     held, fit = order[: len(x) // 10], order[len(x) // 10:]
     if args.inputs == "pixels":
@@ -151,8 +154,9 @@ def main() -> None:
             best, best_state = val, {k: v.clone() for k, v in model.state_dict().items()}
     model.load_state_dict(best_state)
     rows = []
-    for dataset, frame in test.groupby("dataset"):
-        c = correlations(predict(model, read(list(frame.image_path))), frame.score)
+    predicted = predict(model, test_x)
+    for dataset, rows_of_set in test.groupby("dataset").indices.items():
+        c = correlations(predicted[rows_of_set], test.score.to_numpy()[rows_of_set])
         rows.append({"test_set": dataset, "n": c["n"], "plcc": c["plcc"], "srcc": c["srcc"]})
     table = pd.DataFrame(rows).set_index("test_set")
     print(f"\nregressor ({what}, {len(fit)} training images, {args.epochs} epochs, best held-out PLCC "
