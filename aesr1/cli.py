@@ -84,7 +84,7 @@ def _score(args: argparse.Namespace) -> int:
 
     from aesr1.config import load_section
     from aesr1.evaluation.evaluate import EvaluateConfig
-    from aesr1.inference import DecodingConfig, decode_image, image_files, load_scorer
+    from aesr1.inference import DecodingConfig, image_files, load_scorer
 
     model = args.model or next((m for m in PIPELINE_MODELS if (Path(m) / "config.json").is_file()), None)
     if model is None:
@@ -97,14 +97,15 @@ def _score(args: argparse.Namespace) -> int:
     files = image_files(args.images)
     if not files:
         raise AesError(f"no images in {args.images}")
+    scorer = load_scorer(model)
     unreadable = {}
-    for path in files:
+    for path in files:  # each file alone first: one that cannot be decoded or processed must not stop the others
         try:
-            decode_image(str(path))
+            scorer.check(path)
         except ValueError as error:
             unreadable[path] = str(error)
     readable = [p for p in files if p not in unreadable]
-    results = dict(zip(readable, load_scorer(model)(readable, decoding))) if readable else {}
+    results = dict(zip(readable, scorer(readable, decoding))) if readable else {}
     rows = [{"image": str(p), **results[p]} if p in results else {"image": str(p), "error": unreadable[p]}
             for p in files]
     if args.json:

@@ -77,7 +77,57 @@ def load_section(path: str | Path, section: str, cls: type[T]) -> T:
     try:
         return TypeAdapter(cls).validate_python(raw)
     except ValidationError as err:
-        raise ParamsError(f"{path}: section '{section}' is invalid:\n{err}") from None
+        problems = [describe(error, section, cls, source_of(path, params, [section, *map(str, error["loc"])]))
+                    for error in err.errors()]
+        raise ParamsError("\n".join(problems)) from None
+
+
+def recipe_file(path: str | Path, params: dict) -> Path | None:
+    recipe = params.get("recipe") or TINY
+    return None if recipe in (TINY, CUSTOM) else Path(path).parent / RECIPES / f"{recipe}.yaml"
+
+
+def source_of(path: str | Path, params: dict, keys: list[str]) -> str:
+    """The file a value came from: the recipe when it sets that key, else the params file."""
+    recipe = recipe_file(path, params)
+    if recipe is not None and recipe.is_file():
+        value = yaml.safe_load(recipe.read_text()) or {}
+        for key in keys:
+            if not isinstance(value, dict) or key not in value:
+                break
+            value = value[key]
+        else:
+            return str(recipe)
+    return str(path)
+
+
+def settings_at(cls: type, loc: tuple) -> list[str]:
+    """The setting names of the config class reached by following ``loc`` from ``cls`` (empty if none)."""
+    import dataclasses
+    import typing
+
+    for key in loc:
+        if not dataclasses.is_dataclass(cls):
+            return []
+        hint = typing.get_type_hints(cls).get(str(key))
+        candidates = [hint, *typing.get_args(hint)]  # a config, or an optional one
+        cls = next((c for c in candidates if dataclasses.is_dataclass(c)), None)
+    return [f.name for f in dataclasses.fields(cls)] if cls is not None and dataclasses.is_dataclass(cls) else []
+
+
+def describe(error: dict, section: str, cls: type, source: str) -> str:
+    """One pydantic error as a person acts on it: the file, the dotted key, and what to write instead."""
+    import difflib
+
+    loc = tuple(error["loc"])
+    key = ".".join([section, *map(str, loc)])
+    if error["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
+        valid = settings_at(cls, loc[:-1])
+        near = difflib.get_close_matches(str(loc[-1]), valid, n=3, cutoff=0.6)
+        hint = f"did you mean {' or '.join(near)}?" if near else f"the settings there: {', '.join(valid)}"
+        return f"{source}: {key} is not a setting; {hint}"
+    given = f" (got {error['input']!r})" if "input" in error and not isinstance(error["input"], dict) else ""
+    return f"{source}: {key}: {error['msg']}{given}"
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, object]:

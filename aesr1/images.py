@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageOps
 
 # the reference's budget: Qwen2.5-VL's processor resizes each image to at most this many pixels (~315 visual
@@ -21,9 +22,19 @@ MAX_PIXELS = 262_144
 def load_image(source: str | Path | Image.Image) -> Image.Image:
     """An RGB image, turned upright by its EXIF orientation."""
     if isinstance(source, Image.Image):
-        return ImageOps.exif_transpose(source).convert("RGB")
+        return _rgb(ImageOps.exif_transpose(source))
     with Image.open(source) as opened:
-        return ImageOps.exif_transpose(opened).convert("RGB")
+        return _rgb(ImageOps.exif_transpose(opened))
+
+
+def _rgb(image: Image.Image) -> Image.Image:
+    """``image`` in 8-bit RGB. PIL's own conversion clips 16-bit grey ("I;16", or "I" from some PNGs and
+    TIFFs) at 255, which turns a 16-bit photo white; it is scaled down to 8 bits instead. (The training
+    images are 8-bit: for them this is PIL's conversion, as the datasets Image feature does it.)"""
+    if image.mode.startswith("I;16") or (image.mode == "I" and image.getextrema()[1] > 255):
+        grey = np.asarray(image, dtype=np.int64).clip(0, 65535) >> 8
+        image = Image.fromarray(grey.astype(np.uint8), "L")
+    return image.convert("RGB")
 
 
 def downscale(image: Image.Image, max_pixels: int | None = None, max_side: int | None = None) -> Image.Image:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import io
+import logging
 import math
 from pathlib import Path
 from typing import Literal
@@ -22,6 +23,8 @@ from aesr1.config import config
 from aesr1.errors import AesError
 from aesr1.images import load_image
 from aesr1.trajectory import parse_score, split_trajectory
+
+log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
@@ -106,13 +109,41 @@ def image_files(inputs: list[str]) -> list[Path]:
     return files
 
 
+def read_image_file(path: str | Path) -> Image.Image:
+    """The image in a file (:func:`aesr1.images.load_image`); any decoding failure is an :class:`AesError`
+    naming the file (PIL raises OSError for a truncated or unknown file, but SyntaxError, EOFError,
+    ValueError or DecompressionBombError for some broken ones, depending on the format)."""
+    try:
+        return load_image(path)
+    except Exception as error:
+        raise AesError(f"cannot read image {path}: {error}") from error
+
+
+def check_image(image: Image.Image, processor, name: str | Path) -> None:
+    """An :class:`AesError` naming ``name`` unless the policy's image processor reads ``image`` on its own.
+
+    Qwen's processor refuses an image whose aspect ratio is over 200; in a batch, that would stop every
+    other image's scoring too, so each image is checked alone first.
+    """
+    if processor is None:
+        return
+    images = processor.image_processor
+    try:
+        grid = images(images=[image], return_tensors="pt")["image_grid_thw"]
+    except Exception as error:
+        raise AesError(f"cannot process image {name} ({image.width} x {image.height}): {error}") from error
+    tokens = int(grid.prod()) // images.merge_size ** 2
+    budget = images.size["longest_edge"] // (images.patch_size * images.merge_size) ** 2
+    if tokens > budget:  # Qwen's resize keeps each side at least one token wide: an aspect ratio over the budget
+        log.warning("image %s (%d x %d, aspect %.0f:1) is read with %d visual tokens, over the %d of the pixel "
+                    "budget (each side is at least one token wide)", name, image.width, image.height,
+                    max(image.size) / min(image.size), tokens, budget)
+
+
 def decode_image(value: str) -> Image.Image:
     """An image from a request field: a file path, or base64-encoded image bytes."""
     if Path(value).suffix.lower() in IMAGE_SUFFIXES and Path(value).is_file():
-        try:
-            return load_image(value)
-        except OSError as error:
-            raise AesError(f"cannot read image {value}: {error}") from error
+        return read_image_file(value)
     try:
         return load_image(io.BytesIO(base64.b64decode(value, validate=True)))
     except Exception as error:
@@ -162,13 +193,31 @@ class PolicyScorer(_mlflow_base()):
         if "image" not in model_input.columns:
             raise AesError("the input needs an 'image' column (file paths or base64-encoded images)")
         images = [decode_image(str(v)) for v in model_input["image"]]
+        for i, image in enumerate(images):
+            check_image(image, self.processor, f"#{i}")
         decoding = DecodingConfig(**{**self.decoding, **(params or {})})
         results = score_images(self.model, self.processor, images, decoding)
         return pd.DataFrame(results, columns=["critique", "score", "completion"])
 
 
-def load_scorer(model: str):
-    """A callable ``images -> results`` for a model folder or an MLflow model URI (models:/, runs:/)."""
+class Scorer:
+    """Scores image files with a policy (a callable ``paths, decoding -> results``); :meth:`check` says
+    up front whether one file can be scored, so one bad file does not stop the others."""
+
+    def __init__(self, score, processor=None):
+        self.score = score
+        self.processor = processor  # the policy's, to check each image with (None: reading it is the check)
+
+    def check(self, path: str | Path) -> None:
+        """An :class:`AesError` naming ``path`` unless it decodes and the policy's processor reads it."""
+        check_image(read_image_file(path), self.processor, path)
+
+    def __call__(self, paths: list[Path], decoding: DecodingConfig) -> list[dict]:
+        return self.score(paths, decoding)
+
+
+def load_scorer(model: str) -> Scorer:
+    """A :class:`Scorer` for a model folder or an MLflow model URI (models:/, runs:/)."""
     if "://" in model or model.startswith(("models:/", "runs:/")):
         import mlflow.pyfunc
 
@@ -182,7 +231,11 @@ def load_scorer(model: str):
                                    params=request_params(decoding))
             return [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
                     for row in frame.to_dict("records")]
-        return by_uri
+        try:  # a PolicyScorer loaded here has the policy's processor
+            processor = getattr(pyfunc.unwrap_python_model(), "processor", None)
+        except Exception:
+            processor = None
+        return Scorer(by_uri, processor)
 
     from aesr1.policy.generation import load_policy
 
@@ -190,4 +243,4 @@ def load_scorer(model: str):
 
     def by_folder(paths: list[Path], decoding: DecodingConfig) -> list[dict]:
         return score_images(policy, processor, [str(p) for p in paths], decoding)
-    return by_folder
+    return Scorer(by_folder, processor)

@@ -12,6 +12,9 @@ import subprocess
 from pathlib import Path
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # the folder holding the aesr1 package
+# tracked files the pipeline itself rewrites (DVC's lock, the stages' metrics): a change there is the run's own
+# doing, not the user's, so it does not make a run "dirty"
+PIPELINE_WRITTEN = ("dvc.lock", "metrics")
 
 
 def module_file(name: str) -> Path | None:
@@ -55,12 +58,16 @@ def code_digest(files: list[str]) -> str:
 
 
 def git_state(root: Path) -> tuple[str, bool] | None:
-    """(commit, dirty) of the repository at ``root``; None outside a git checkout or without git."""
+    """(commit, dirty) of the repository at ``root``; None outside a git checkout or without git.
+
+    Dirty: a tracked file differs from the commit, other than what the pipeline writes (``PIPELINE_WRITTEN``).
+    """
+    excluded = [f":(exclude){name}" for name in PIPELINE_WRITTEN]
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
                                 timeout=10, check=True).stdout.strip()
-        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                                 capture_output=True, text=True, timeout=30, check=True).stdout.strip()
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", *excluded],
+                                 cwd=root, capture_output=True, text=True, timeout=30, check=True).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return commit, bool(changed)

@@ -23,11 +23,13 @@ from pathlib import Path
 from typing import Callable, TypeVar
 
 import mlflow
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from aesr1 import distributed
-from aesr1.config import flatten, load_section
+from aesr1.config import flatten, load_section, read_params, with_recipe
 from aesr1.lineage import code_digest, import_closure
-from aesr1.tracking import stage_run
+from aesr1.summary import LAUNCHED_STAGES, pipeline_params
+from aesr1.tracking import log_pipeline_metrics, stage_run, ui_link
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -41,6 +43,11 @@ class Recorder:
         self.params: dict[str, str] = {}
         self.tables: dict[str, object] = {}
         self.datasets: list[tuple[Path, object, str]] = []
+        self.summary: dict[str, float] = {}
+
+    def pipeline_metrics(self, metrics: dict[str, float]) -> None:
+        """Metrics that describe the whole pipeline run (:mod:`aesr1.summary`), logged on it too."""
+        self.summary.update(metrics)
 
     def param(self, name: str, value: object) -> None:
         """A run parameter the stage learns while running (e.g. a prompt's content hash)."""
@@ -111,15 +118,23 @@ def run_stage(name: str, params_path: str | Path, cls: type[T], fn: Callable[[T,
     code = import_closure(stage_modules(fn.__module__))
     lineage = {"aesr1.params_md5": params_digest(cfg), "aesr1.code_md5": code_digest(code),
                "aesr1.code_files": ",".join(code)}
-    with stage_run(name, flatten(dataclasses.asdict(cfg)), tags=lineage):
+    pipeline = pipeline_params(with_recipe(params_path, read_params(params_path)))
+    if name in LAUNCHED_STAGES:
+        pipeline["processes"] = str(distributed.world_size())
+    with stage_run(name, flatten(dataclasses.asdict(cfg)), tags=lineage, pipeline=pipeline) as run:
         start = time.perf_counter()
         try:
             metrics = fn(cfg, recorder)
             distributed.barrier()
             metrics_path = Path(metrics_dir) / f"{name}.json"
             write_metrics(metrics_path, metrics)
+            if recorder.summary:  # the few figures that compare runs (`dvc exp show`), beside the full file
+                write_metrics(Path(metrics_dir) / f"{name}_summary.json", recorder.summary)
             mlflow.log_metrics(numeric_metrics(metrics))
-            mlflow.log_metric("stage_seconds", time.perf_counter() - start)
+            seconds = time.perf_counter() - start
+            mlflow.log_metric("stage_seconds", seconds)
+            log_pipeline_metrics(mlflow.MlflowClient(), run.data.tags[MLFLOW_PARENT_RUN_ID], name, seconds,
+                                 numeric_metrics(recorder.summary))
             recorder.artifact(metrics_path)
         finally:
             if recorder.params:
@@ -133,5 +148,6 @@ def run_stage(name: str, params_path: str | Path, cls: type[T], fn: Callable[[T,
                     mlflow.log_artifacts(str(path), artifact_path=folder or path.name)
                 elif path.is_file():
                     mlflow.log_artifact(str(path), artifact_path=folder)
-    log.info("%s: done in %.1f s -> %s", name, time.perf_counter() - start, Path(metrics_dir) / f"{name}.json")
+    log.info("%s: done in %.1f s -> %s; MLflow: %s", name, time.perf_counter() - start,
+             Path(metrics_dir) / f"{name}.json", ui_link(run.info.experiment_id, run.data.tags[MLFLOW_PARENT_RUN_ID]))
     return metrics

@@ -15,8 +15,10 @@ a pipeline id, taken from, in order:
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import socket
+import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,10 +26,14 @@ from typing import Iterator
 
 import mlflow
 import psutil
+from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
-from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT
+from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID
 
 from aesr1.lineage import git_state
+from aesr1.summary import DVC_EXPERIMENT_ENV, seconds_metric, total_seconds
+
+log = logging.getLogger(__name__)
 
 EXPERIMENT = "aesr1"
 PIPELINE_TAG = "aesr1.pipeline_id"
@@ -36,8 +42,10 @@ STAGE_TAG = "aesr1.stage"
 DVC_EXP_TAG = "aesr1.dvc_experiment"
 DIRTY_TAG = "aesr1.git_dirty"
 HOST_TAG, PROCESS_TAG = "aesr1.host", "aesr1.process"
-# the UI opens an experiment of this kind on its training runs (not on the GenAI traces overview)
+# marks a training experiment. MLflow 3.17's UI does not read it to pick its view: a new browser opens on the
+# GenAI views unless the link carries UI_TRAINING_VIEW (or the user clicks "Model training" once)
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+UI_TRAINING_VIEW = "workflowType=machine_learning"
 _SHELLS = {"sh", "bash", "dash", "zsh", "fish"}
 # launchers that start a stage's processes (dvc.yaml's launcher): their parent is the pipeline runner
 _LAUNCHERS = {"torchrun", "accelerate", "deepspeed"}
@@ -96,6 +104,16 @@ def ensure_experiment(client: MlflowClient, root: Path, name: str | None = None)
     return experiment.experiment_id
 
 
+def ui_link(experiment_id: str, run_id: str | None = None, root: Path | None = None) -> str:
+    """Where the MLflow UI shows an experiment's runs (or one run), opening on its training views.
+
+    With a local store the UI is ``mlflow ui`` on its default port."""
+    uri = tracking_uri(root)
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    page = f"experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "")
+    return f"{base}/#/{page}?{UI_TRAINING_VIEW}"
+
+
 def git_tags(root: Path) -> dict[str, str]:
     """The commit (MLflow's own tag, shown in the UI) and whether tracked files differed from it."""
     state = git_state(root)
@@ -118,15 +136,35 @@ def alive(process_tag: str) -> bool:
         return False
 
 
-def mark_killed_runs(client: MlflowClient, experiment_id: str) -> list[str]:
-    """Mark KILLED the stage runs still RUNNING whose process on this host is gone (killed mid-run)."""
+def close_dead_runs(client: MlflowClient, experiment_id: str) -> list[str]:
+    """Mark KILLED the runs whose process died: stage runs still RUNNING whose process on this host is gone,
+    then pipeline runs still RUNNING with no stage running (a pipeline run is RUNNING only while one of its
+    stages is). Returns the ids marked."""
     found = client.search_runs([experiment_id], filter_string=(
         f"attributes.status = 'RUNNING' and tags.`{ROLE_TAG}` = 'stage' "
         f"and tags.`{HOST_TAG}` = '{socket.gethostname()}'"))
     killed = [r.info.run_id for r in found if PROCESS_TAG in r.data.tags and not alive(r.data.tags[PROCESS_TAG])]
     for run_id in killed:
         client.set_terminated(run_id, status="KILLED")
+    pipelines = client.search_runs([experiment_id], filter_string=(
+        f"attributes.status = 'RUNNING' and tags.`{ROLE_TAG}` = 'pipeline'"))
+    for run in pipelines:
+        children = client.search_runs([experiment_id], filter_string=(
+            f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{run.info.run_id}'"))
+        if children and not any(child.info.status == "RUNNING" for child in children):
+            client.set_terminated(run.info.run_id, status="KILLED")
+            killed.append(run.info.run_id)
     return killed
+
+
+def close_dead_runs_of(root: Path | None = None) -> list[str]:
+    """:func:`close_dead_runs` in the project's store, for what starts a pipeline without a stage
+    (a run restored from DVC's run cache starts none); nothing when the experiment does not exist yet."""
+    root = root or project_root()
+    mlflow.set_tracking_uri(tracking_uri(root))
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(experiment_name())
+    return close_dead_runs(client, experiment.experiment_id) if experiment else []
 
 
 def pipeline_id() -> str:
@@ -166,7 +204,7 @@ def _pipeline_run(client: MlflowClient, experiment_id: str, pid: str, lineage: d
     if found:
         return found[0].info.run_id
     # a queued `dvc exp` run names its pipeline run after the experiment (DVC sets DVC_EXP_NAME)
-    exp_name = os.environ.get("DVC_EXP_NAME")
+    exp_name = os.environ.get(DVC_EXPERIMENT_ENV)
     tags = {PIPELINE_TAG: pid, ROLE_TAG: "pipeline", **lineage, **({DVC_EXP_TAG: exp_name} if exp_name else {})}
     return client.create_run(experiment_id, run_name=pipeline_run_name(lineage, exp_name), tags=tags).info.run_id
 
@@ -180,19 +218,20 @@ def pipeline_run_name(lineage: dict[str, str], exp_name: str | None) -> str:
 
 
 @contextmanager
-def stage_run(stage: str, params: dict, root: Path | None = None,
-              tags: dict[str, str] | None = None) -> Iterator[mlflow.ActiveRun]:
+def stage_run(stage: str, params: dict, root: Path | None = None, tags: dict[str, str] | None = None,
+              pipeline: dict[str, str] | None = None) -> Iterator[mlflow.ActiveRun]:
     """An MLflow run for one stage, nested under its pipeline run, with params and lineage tags.
 
-    The parent is marked FINISHED (or FAILED) with each stage, so it never stays
-    'running' in the UI after the last stage; a stage run whose process was killed is
-    marked KILLED when the next stage starts on that host.
+    ``pipeline``: the params that define the whole run (:func:`aesr1.summary.pipeline_params`), logged on the
+    pipeline run. The pipeline run is RUNNING while one of its stages runs and FINISHED (or FAILED) after it,
+    so it never stays 'running' in the UI after the last stage; runs whose process was killed are marked
+    KILLED when the next stage starts on that host (:func:`close_dead_runs`).
     """
     root = root or project_root()
     mlflow.set_tracking_uri(tracking_uri(root))
     client = MlflowClient()
     experiment_id = ensure_experiment(client, root)
-    mark_killed_runs(client, experiment_id)
+    close_dead_runs(client, experiment_id)
     pid = pipeline_id()
     lineage = git_tags(root)
     parent_id = _pipeline_run(client, experiment_id, pid, lineage)
@@ -202,11 +241,34 @@ def stage_run(stage: str, params: dict, root: Path | None = None,
     try:
         with mlflow.start_run(
                 experiment_id=experiment_id, run_name=stage, parent_run_id=parent_id, tags=tags) as run:
+            client.update_run(parent_id, status="RUNNING")
+            log_pipeline_params(client, parent_id, pipeline or {})
             mlflow.log_params({k: _param_value(v) for k, v in params.items()})
             yield run
         status = "FINISHED"
     finally:
         client.set_terminated(parent_id, status=status)
+
+
+def log_pipeline_params(client: MlflowClient, run_id: str, params: dict[str, str]) -> None:
+    """Log the params the pipeline run does not hold yet; a value that changed within one pipeline run
+    (a params file edited between its stages) is kept as first logged, with a warning."""
+    held = client.get_run(run_id).data.params
+    changed = {k: (held[k], v) for k, v in params.items() if k in held and held[k] != _param_value(v)}
+    if changed:
+        log.warning("pipeline run %s keeps its first values of %s", run_id, changed)
+    new = {k: v for k, v in params.items() if k not in held}
+    if new:
+        client.log_batch(run_id, params=[Param(k, _param_value(v)) for k, v in new.items()])
+
+
+def log_pipeline_metrics(client: MlflowClient, run_id: str, stage: str, seconds: float,
+                         metrics: dict[str, float]) -> None:
+    """A stage's contribution to its pipeline run: its seconds (and the new total) and its summary metrics."""
+    values = {**metrics, seconds_metric(stage): seconds}
+    held = {**client.get_run(run_id).data.metrics, **values}
+    values[seconds_metric("total")] = total_seconds(held)
+    client.log_batch(run_id, metrics=[Metric(k, float(v), int(time.time() * 1000), 0) for k, v in values.items()])
 
 
 def _param_value(value: object) -> str:

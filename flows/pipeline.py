@@ -21,6 +21,7 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from aesr1.errors import AesError
+from aesr1.tracking import close_dead_runs_of
 from tasks.dvc_stage import dvc_stages, remote_stage, repro_stage
 
 
@@ -40,7 +41,11 @@ def pipeline(stages: list[str] | None = None, root: str = ".", force: bool = Fal
         raise AesError(f"unknown stages {unknown}; dvc.yaml has {known}")
     chosen = [s for s in known if s in stages] if stages else known
     pipeline_id = flow_run.id or uuid.uuid4().hex
-    get_run_logger().info("pipeline %s: stages %s", pipeline_id, chosen)
+    logger = get_run_logger()
+    closed = close_dead_runs_of(Path(root))  # a stage DVC restores from its run cache opens no run to do it
+    if closed:
+        logger.info("marked KILLED the MLflow runs of dead processes: %s", closed)
+    logger.info("pipeline %s: stages %s", pipeline_id, chosen)
     for stage in chosen:
         if stage in remote_stages:
             remote_stage(stage, root, remote_stages[stage], str(pipeline_id), force)

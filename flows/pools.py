@@ -1,10 +1,11 @@
 """Create (or update) the two work pools the deployments in ``prefect.yaml`` use.
 
 ``cpu``: process workers for the pipeline and the ablations. ``gpu``: process workers on
-GPU machines for any stage sent there (sft, rl, evaluate); its job template sets
-``CUDA_VISIBLE_DEVICES``, and params.yaml's ``launcher`` starts one process per GPU.
+GPU machines for any stage sent there (sft, rl, evaluate). Its runs see every GPU of their
+machine unless ``--gpu-devices`` restricts them (``CUDA_VISIBLE_DEVICES``); params.yaml's
+``launcher`` starts one process per GPU it sees.
 
-    python -m flows.pools                      # gpu pool sees device 0
+    python -m flows.pools                      # gpu pool's runs see all their machine's GPUs
     python -m flows.pools --gpu-devices 0,1,2,3
 """
 
@@ -30,8 +31,9 @@ def pool_template(env: dict[str, str] | None = None) -> dict:
     return template
 
 
-def create_pools(gpu_devices: str = "0") -> list[str]:
-    pools = {CPU_POOL: pool_template(), GPU_POOL: pool_template({"CUDA_VISIBLE_DEVICES": gpu_devices})}
+def create_pools(gpu_devices: str | None = None) -> list[str]:
+    gpu_env = {"CUDA_VISIBLE_DEVICES": gpu_devices} if gpu_devices else {}
+    pools = {CPU_POOL: pool_template(), GPU_POOL: pool_template(gpu_env)}
     with get_client(sync_client=True) as client:
         for name, template in pools.items():
             client.create_work_pool(WorkPoolCreate(name=name, type="process", base_job_template=template),
@@ -41,7 +43,7 @@ def create_pools(gpu_devices: str = "0") -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--gpu-devices", default="0", help="CUDA_VISIBLE_DEVICES for the gpu pool's flow runs")
+    parser.add_argument("--gpu-devices", help="CUDA_VISIBLE_DEVICES for the gpu pool's flow runs (default: all GPUs)")
     args = parser.parse_args(argv)
     print("work pools:", ", ".join(create_pools(args.gpu_devices)))
 

@@ -34,7 +34,8 @@ def test_bad_params_give_a_clear_error(tmp_path, capsys):
     (tmp_path / "params.yaml").write_text("ingest:\n  train_sise: 10\n")
     assert main(["ingest", "--params", str(tmp_path / "params.yaml")]) == 2
     err = capsys.readouterr().err
-    assert "section 'ingest' is invalid" in err and "train_sise" in err
+    assert f"{tmp_path / 'params.yaml'}: ingest.train_sise is not a setting; did you mean train_size?" in err
+    assert "pydantic" not in err
     assert main(["ingest", "--params", str(tmp_path / "missing.yaml")]) == 2
     assert "params file not found" in capsys.readouterr().err
 
@@ -73,3 +74,19 @@ def test_pipeline_id_prefers_the_environment(monkeypatch):
     assert pipeline_id() == "flow-run-1"
     monkeypatch.delenv("AESR1_PIPELINE_ID")
     assert pipeline_id() != pipeline_id()  # a stage run by hand is its own pipeline
+
+
+def test_a_config_error_names_its_file_key_and_the_nearest_settings(tmp_path, capsys):
+    """params.yaml, a recipe or a --params file: where the bad value is, and what it could have meant."""
+    (tmp_path / "configs" / "recipes").mkdir(parents=True)
+    (tmp_path / "configs" / "recipes" / "mine.yaml").write_text("rl:\n  grpo: {learning_rat: 1.0e-6}\n")
+    (tmp_path / "params.yaml").write_text("recipe: mine\nrl:\n  heldout: {samples: many}\n  rewardz: {}\n")
+    assert main(["rl", "--params", str(tmp_path / "params.yaml")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[0] == "aesr1 rl: error: " + lines[0].split("error: ", 1)[1]  # one error per line, no dump
+    text = "\n".join(lines)
+    assert f"{tmp_path / 'configs/recipes/mine.yaml'}: rl.grpo.learning_rat is not a setting; did you mean " \
+           "learning_rate?" in text
+    assert f"{tmp_path / 'params.yaml'}: rl.rewardz is not a setting; did you mean rewards?" in text
+    assert f"{tmp_path / 'params.yaml'}: rl.heldout.samples: Input should be a valid integer" in text
+    assert "'many'" in text

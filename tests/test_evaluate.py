@@ -12,6 +12,7 @@ from conftest import write_jpeg
 from aesr1.aescot.measure import ImageStats
 from aesr1.errors import AesError
 from aesr1.evaluation.evaluate import critique_quality, noise_ceilings, score_metrics, summarise
+from aesr1.evaluation.gallery import write_gallery
 from aesr1.evaluation.plots import history_curves
 from aesr1.evaluation.report import write_report
 from aesr1.inference import decode_image, image_files, image_scores
@@ -196,3 +197,24 @@ def test_standard_errors_and_paired_differences():
     unpaired = math.hypot(metrics["rapo"]["readouts"]["sampled"]["average"]["plcc_se"],
                           metrics["sft"]["readouts"]["sampled"]["average"]["plcc_se"])
     assert entry["sampled_plcc_diff_se"] < unpaired  # pairing removes the images' shared difficulty
+
+
+def test_the_gallery_shows_each_models_score_and_critique_worst_first(tmp_path):
+    images = [write_jpeg(tmp_path / f"{i}.jpg", value=40 * i, size=32) for i in range(5)]
+    truth = [0.1, 0.3, 0.5, 0.7, 0.9]
+    frames = []
+    for model, predicted in (("sft", [0.5, 0.5, 0.5, 0.5, 0.5]), ("rapo", [0.15, np.nan, 0.5, 0.2, 0.85])):
+        frames.append(pd.DataFrame({
+            "image_id": [f"ava/{i}" for i in range(5)], "dataset": ["ava", "ava", "para", "para", "para"],
+            "image_path": [str(p) for p in images], "score": truth, "model": model, "predicted": predicted,
+            "completion": [make_trajectory(f"{model} <critique> {i}", 0.5) for i in range(5)]}))
+    page = write_gallery(pd.concat(frames), tmp_path / "gallery.html", sort_model="rapo", size=4).read_text()
+    rows = page.split("<tr>")[2:]
+    assert len(rows) == 4  # at most size, drawn from both test sets
+    assert sum("para" in row for row in rows) == 2
+    order = [next(i for i in range(5) if f">ava/{i}<" in row) for row in rows]
+    assert order[0] == 1 and "unparseable" in rows[0]  # unparseable first, then by rapo's absolute error
+    errors = [float(row.split("</td><td>")[2]) for row in rows[1:]]
+    assert errors == sorted(errors, reverse=True)
+    assert all(row.count("data:image/jpeg;base64,") == 1 for row in rows)  # the page is one self-contained file
+    assert "sft &lt;critique&gt;" in page and "<critique>" not in page  # critiques are escaped text

@@ -1,14 +1,17 @@
 """One way to read images (EXIF upright, RGB) and one pixel budget, in every path the policy sees images."""
 
+import copy
 import io
 
 import numpy as np
 import pytest
+import torch
 from datasets import Dataset, Features, Image, List
 from PIL import Image as PILImage
 
 from aesr1.images import downscale, load_image, set_pixel_budget
-from aesr1.policy.backbone import TinyModelConfig, build_tiny
+from aesr1.policy.backbone import BackboneConfig, TinyModelConfig, build_tiny, with_pixel_budget
+from aesr1.policy.generation import load_processor
 
 
 def rotated_jpeg(path, size=(300, 200)):
@@ -76,8 +79,33 @@ def test_a_large_photo_gets_at_most_the_budgets_tokens_in_every_path(budgeted):
     assert len(sample(model, processor, [photo], max_new_tokens=3).texts) == 1  # generation reads it in budget
 
 
-def test_the_tiny_default_reads_synthetic_images_at_their_size():
-    _, processor = build_tiny(TinyModelConfig())
-    set_pixel_budget(processor, None, 262_144)
-    assert visual_tokens(processor, PILImage.new("RGB", (64, 64))) == 16
-    assert visual_tokens(processor, PILImage.new("RGB", (32, 32))) == 4
+def test_the_tiny_default_reads_every_image_at_its_training_size(tmp_path):
+    """The stage's budget for the default (max_pixels null): the 64 x 64 pixels it is trained on, so a photo
+    gets its 16 visual tokens, not 240; and a 64 x 64 image is read exactly as under the old 262,144 budget."""
+    _, built = build_tiny(TinyModelConfig())
+    old = set_pixel_budget(copy.deepcopy(built), None, 262_144)
+    processor = with_pixel_budget(built, BackboneConfig())
+    processor.save_pretrained(tmp_path)
+    saved = load_processor(tmp_path)
+    assert saved.image_processor.size["longest_edge"] == 64 * 64
+    for photo in (PILImage.new("RGB", (720, 477)), PILImage.new("RGB", (4000, 3000)), PILImage.new("RGB", (477, 720))):
+        assert 12 <= visual_tokens(saved, photo) <= 16 < visual_tokens(old, photo)
+    assert visual_tokens(saved, PILImage.new("RGB", (32, 32))) == 4
+
+    rng = np.random.default_rng(0)
+    images = [PILImage.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)) for _ in range(3)]
+    text = ["<|vision_start|><|image_pad|><|vision_end|>"] * len(images)
+    before = old(text=text, images=images, return_tensors="pt")
+    after = saved(text=text, images=images, return_tensors="pt")
+    assert after["image_grid_thw"].tolist() == [[1, 8, 8]] * 3
+    assert set(before) == set(after) and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_load_image_scales_16_bit_grey_down_instead_of_clipping_it_white(tmp_path):
+    ramp = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
+    PILImage.fromarray(ramp).save(tmp_path / "deep.png")
+    assert PILImage.open(tmp_path / "deep.png").mode == "I;16"
+    pixels = np.asarray(load_image(tmp_path / "deep.png")).astype(int)
+    assert np.array_equal(pixels[..., 0], ramp >> 8) and (pixels[..., 0] == pixels[..., 2]).all()
+    eight = np.asarray(load_image(PILImage.fromarray((ramp >> 8).astype(np.uint8)).convert("I")))
+    assert np.array_equal(eight[..., 0], ramp >> 8)  # 8-bit values in a 32-bit image are kept as they are

@@ -19,11 +19,16 @@ from aesr1.errors import AesError
 
 pytestmark = pytest.mark.slow
 STAGES = list(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"])
+IDENTITY = {"GIT_AUTHOR_NAME": "aesr1 tests", "GIT_AUTHOR_EMAIL": "tests@aesr1.invalid",
+            "GIT_COMMITTER_NAME": "aesr1 tests", "GIT_COMMITTER_EMAIL": "tests@aesr1.invalid"}
 
 @pytest.fixture(scope="module")
 def small_repo(tmp_path_factory):
-    """A repository copy whose params shrink every stage."""
-    return shrink_params(repo_copy(tmp_path_factory.mktemp("repo")))
+    """A repository copy whose params shrink every stage, committed as a user's clone is."""
+    root = shrink_params(repo_copy(tmp_path_factory.mktemp("repo")))
+    run(["git", "add", "-A"], root, os.environ)
+    run(["git", "commit", "-qm", "small"], root, {**os.environ, **IDENTITY})
+    return root
 
 
 def stage_runs(tracking_uri):
@@ -63,6 +68,24 @@ def test_dvc_repro_runs_every_stage_and_groups_mlflow_runs(reproduced):
         AutoModelForImageTextToText.from_pretrained(small_repo / "data/models" / model)
         AutoProcessor.from_pretrained(small_repo / "data/models" / model)
 
+    (pipeline,) = mlflow.search_runs(experiment_names=["aesr1"], filter_string="tags.`aesr1.role` = 'pipeline'",
+                                     output_format="list")
+    # the run's own rewrites (dvc.lock, metrics/) do not make it dirty: the clone was clean
+    assert pipeline.data.tags["aesr1.git_dirty"] == "false" and "+dirty" not in pipeline.info.run_name
+    assert pipeline.info.status == "FINISHED"
+    params, figures = pipeline.data.params, pipeline.data.metrics  # what defines the run and what it gave
+    assert params["recipe"] == "tiny" and params["rl_max_steps"] == "2" and params["processes"] == "2"
+    assert params["launcher"].startswith("torchrun") and params["teacher"] == "analytic"
+    evaluation = json.loads((small_repo / "metrics/evaluate.json").read_text())
+    for model in ("backbone", "sft", "rapo"):
+        assert figures[f"{model}/plcc"] == pytest.approx(evaluation[model]["average"]["plcc"])
+        assert figures[f"{model}/ava_srcc"] == pytest.approx(evaluation[model]["ava"]["srcc"])
+        assert {f"{model}/srcc_se", f"{model}/in_domain_plcc", f"{model}/unparseable"} <= set(figures)
+    summary = json.loads((small_repo / "metrics/evaluate_summary.json").read_text())  # the same, for DVC
+    assert summary["rapo/plcc"] == pytest.approx(figures["rapo/plcc"]) and len(summary) < len(figures)
+    assert {f"seconds/{stage}" for stage in STAGES} <= set(figures)
+    assert figures["seconds/total"] == pytest.approx(sum(figures[f"seconds/{stage}"] for stage in STAGES))
+
     assert "up to date" in run(["dvc", "repro"], small_repo, env)  # DVC decides nothing is stale
     shown = run(["dvc", "metrics", "show"], small_repo, env)
     assert "train_size" in shown and "rapo.average.plcc" in shown
@@ -91,10 +114,19 @@ def test_evaluation_gives_the_main_table_predictions_plots_and_report(reproduced
     run(["dvc", "plots", "show", "-o", "plots_html"], small_repo, env)
     html = (small_repo / "plots_html" / "index.html").read_text()
     assert "scatter_rapo.png" in html and "RL reward" in html
+    curves = pd.read_csv(small_repo / "data/evaluate/rl_curves.csv")
+    for plot in yaml.safe_load((small_repo / "dvc.yaml").read_text())["plots"]:
+        for definition in plot.values() if isinstance(plot, dict) else []:
+            for fields in definition["y"].values():  # every plotted field is in the data it plots
+                assert set(fields) <= set(curves.columns), (fields, list(curves.columns))
+    gallery = (small_repo / "data/evaluate/gallery.html").read_text()
+    assert gallery.count("<tr>") == 1 + 30 and gallery.count("data:image/jpeg;base64,") == 30
 
     runs = stage_runs(env["MLFLOW_TRACKING_URI"])
     evaluate_run = runs[runs["tags.mlflow.runName"] == "evaluate"].iloc[0]
     assert evaluate_run["metrics.rapo.average.plcc"] == pytest.approx(metrics["rapo"]["average"]["plcc"])
+    artifacts = [a.path for a in mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"]).list_artifacts(evaluate_run.run_id)]
+    assert "gallery.html" in artifacts
 
 
 def test_the_rapo_policy_is_registered_and_served_with_critique_and_score(reproduced):
@@ -205,8 +237,7 @@ def test_an_ablation_runs_as_queued_dvc_experiments_and_reports_beside_the_paper
     from flows.ablations import ablation
 
     small_repo, env = reproduced
-    identity = {"GIT_AUTHOR_NAME": "aesr1 tests", "GIT_AUTHOR_EMAIL": "tests@aesr1.invalid",
-                "GIT_COMMITTER_NAME": "aesr1 tests", "GIT_COMMITTER_EMAIL": "tests@aesr1.invalid"}
+    identity = IDENTITY
     for key, value in {**identity, "MLFLOW_TRACKING_URI": env["MLFLOW_TRACKING_URI"],
                        "PATH": with_venv(dict(os.environ))["PATH"]}.items():
         monkeypatch.setenv(key, value)

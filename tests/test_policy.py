@@ -69,6 +69,28 @@ def test_tiny_backbone_saves_and_loads_through_the_generic_path(tiny_backbone):
     assert type(processor).__name__ == "Qwen2_5_VLProcessor"
 
 
+def test_sampling_takes_nothing_from_the_model_folders_generation_config(tmp_path, tiny_backbone):
+    """A hub model's generation_config.json (Qwen2.5-VL-7B-Instruct: repetition_penalty 1.05, top_k 1, ...)
+    must not change what evaluation samples: every sampling field comes from params."""
+    folder, _ = tiny_backbone
+    image = write_jpeg(tmp_path / "a.jpg", value=90, size=32)
+    hub_like = tmp_path / "hub_like"
+    model, processor = load_policy(folder)
+    model.save_pretrained(hub_like)
+    processor.save_pretrained(hub_like)
+    config = json.loads((hub_like / "generation_config.json").read_text())
+    config.update(repetition_penalty=50.0, no_repeat_ngram_size=1, top_k=1, temperature=0.1, do_sample=True)
+    (hub_like / "generation_config.json").write_text(json.dumps(config))
+    texts = {}
+    for name, path in (("plain", folder), ("hub_like", hub_like)):
+        loaded, loaded_processor = load_policy(path)
+        for do_sample in (False, True):
+            torch.manual_seed(0)
+            texts[name, do_sample] = sample(loaded, loaded_processor, [str(image)] * 2, temperature=1.0,
+                                            max_new_tokens=24, do_sample=do_sample).texts
+    assert texts["plain", False] == texts["hub_like", False] and texts["plain", True] == texts["hub_like", True]
+
+
 def test_the_tiny_model_is_initialised_from_its_seed_whatever_the_process_state():
     def weights(seed: int, process_seed: int) -> list[torch.Tensor]:
         torch.manual_seed(process_seed)  # each process starts torch from a different seed

@@ -6,18 +6,23 @@ import subprocess
 import mlflow
 import pandas as pd
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from aesr1.config import config
 from aesr1.stage import Recorder, run_stage
+from aesr1.summary import model_metrics
 from aesr1.tracking import (
     EXPERIMENT,
     HOST_TAG,
+    PIPELINE_TAG,
     PROCESS_TAG,
     ROLE_TAG,
     STAGE_TAG,
+    close_dead_runs_of,
     ensure_experiment,
     stage_run,
     tracking_uri,
+    ui_link,
 )
 
 
@@ -49,12 +54,13 @@ def test_a_stage_run_carries_commit_code_params_and_dataset_lineage(tmp_path, mo
     run_stage("toy", "params.yaml", ToyConfig, toy_stage, metrics_dir=tmp_path / "metrics")
     client = MlflowClient()
     experiment = client.get_experiment_by_name(EXPERIMENT)
-    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on runs
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # a training experiment
     (stage,) = client.search_runs([experiment.experiment_id], f"tags.`{ROLE_TAG}` = 'stage'")
     tags = stage.data.tags
     assert tags["mlflow.source.git.commit"] == commit and tags["aesr1.git_dirty"] == "false"
     assert tags["aesr1.code_files"].split(",") == ["aesr1/config.py", "aesr1/distributed.py", "aesr1/errors.py",
-                                                   "aesr1/lineage.py", "aesr1/stage.py", "aesr1/tracking.py"]
+                                                   "aesr1/lineage.py", "aesr1/stage.py", "aesr1/summary.py",
+                                                   "aesr1/tracking.py"]
     assert len(tags["aesr1.code_md5"]) == 32 and len(tags["aesr1.params_md5"]) == 32
     (dataset,) = stage.inputs.dataset_inputs
     assert dataset.dataset.name == "manifest.parquet"
@@ -62,6 +68,17 @@ def test_a_stage_run_carries_commit_code_params_and_dataset_lineage(tmp_path, mo
     assert dataset.tags[0].value == "training" and dataset.dataset.digest
     (pipeline,) = client.search_runs([experiment.experiment_id], f"tags.`{ROLE_TAG}` = 'pipeline'")
     assert commit[:7] in pipeline.info.run_name and "+dirty" not in pipeline.info.run_name
+
+    (tmp_path / "dvc.lock").write_text("v1")
+    git(tmp_path, "add", "dvc.lock", "metrics")
+    git(tmp_path, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "lock and metrics")
+    commit = git(tmp_path, "rev-parse", "HEAD")
+    (tmp_path / "dvc.lock").write_text("v2")  # what the pipeline rewrites itself is not the user's change
+    (tmp_path / "metrics" / "toy.json").write_text("{}")
+    run_stage("toy", "params.yaml", ToyConfig, toy_stage, metrics_dir=tmp_path / "metrics")
+    newest = client.search_runs([experiment.experiment_id], f"tags.`{ROLE_TAG}` = 'pipeline'",
+                                order_by=["attributes.start_time DESC"])[0]
+    assert newest.data.tags["aesr1.git_dirty"] == "false" and "+dirty" not in newest.info.run_name
 
     (tmp_path / "params.yaml").write_text("toy:\n  rate: 0.75\n")  # uncommitted: the next run says so
     run_stage("toy", "params.yaml", ToyConfig, toy_stage, metrics_dir=tmp_path / "metrics")
@@ -72,14 +89,76 @@ def test_a_stage_run_carries_commit_code_params_and_dataset_lineage(tmp_path, mo
     assert newest.data.tags["aesr1.code_md5"] == tags["aesr1.code_md5"]
 
 
-def test_a_stage_killed_mid_run_is_marked_killed_when_the_next_starts(tmp_path):
+def dead_stage(client, experiment_id):
+    """A pipeline run whose stage's process died mid-run: both left RUNNING."""
+    parent = client.create_run(experiment_id, tags={ROLE_TAG: "pipeline", PIPELINE_TAG: "dead-pipeline"})
+    stage = client.create_run(experiment_id, tags={ROLE_TAG: "stage", STAGE_TAG: "sft", MLFLOW_PARENT_RUN_ID:
+                                                   parent.info.run_id, HOST_TAG: socket.gethostname(),
+                                                   PROCESS_TAG: "999999999-1"})
+    return parent.info.run_id, stage.info.run_id
+
+
+def test_runs_killed_mid_stage_are_marked_killed_when_the_next_stage_starts(tmp_path):
     mlflow.set_tracking_uri(tracking_uri(tmp_path))  # this test's store (an earlier test may have set another)
     client = MlflowClient()
     experiment_id = ensure_experiment(client, tmp_path)
 
-    dead = client.create_run(experiment_id, tags={ROLE_TAG: "stage", STAGE_TAG: "sft",
-                                                   HOST_TAG: socket.gethostname(), PROCESS_TAG: "999999999-1"})
+    dead_parent, dead = dead_stage(client, experiment_id)
     with stage_run("rl", {}, root=tmp_path) as run:
-        assert client.get_run(dead.info.run_id).info.status == "KILLED"
+        assert client.get_run(dead).info.status == "KILLED"
+        assert client.get_run(dead_parent).info.status == "KILLED"
         assert client.get_run(run.info.run_id).info.status == "RUNNING"  # a live process's run is left alone
+        parent = run.data.tags[MLFLOW_PARENT_RUN_ID]
+        assert client.get_run(parent).info.status == "RUNNING"  # a pipeline runs while a stage does
+        assert close_dead_runs_of(tmp_path) == []  # a live stage keeps its pipeline run running
     assert mlflow.get_run(run.info.run_id).info.status == "FINISHED"
+    assert client.get_run(parent).info.status == "FINISHED"
+
+
+def test_a_pipeline_flow_start_closes_runs_of_dead_processes(tmp_path):
+    """A stage restored from DVC's run cache starts no run: the pipeline flow closes the dead ones itself."""
+    mlflow.set_tracking_uri(tracking_uri(tmp_path))
+    client = MlflowClient()
+    dead_parent, dead = dead_stage(client, ensure_experiment(client, tmp_path))
+    assert sorted(close_dead_runs_of(tmp_path)) == sorted([dead_parent, dead])
+    assert {client.get_run(r).info.status for r in (dead_parent, dead)} == {"KILLED"}
+
+
+def test_the_pipeline_run_holds_the_runs_defining_params_and_its_results(tmp_path, monkeypatch):
+    """Two runs compare on the pipeline run alone: short-named params and metrics, each stage's seconds."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("AESR1_PIPELINE_ID", "p1")
+    (tmp_path / "params.yaml").write_text(
+        "launcher: python\nrecipe: tiny\nrl:\n  grpo: {learning_rate: 5.0e-5, temperature: 0.7}\n"
+        "toy:\n  rate: 0.25\n")
+    pd.DataFrame({"image_id": ["a", "b"], "score": [0.1, 0.9]}).to_parquet(tmp_path / "manifest.parquet")
+
+    def scored_stage(cfg: ToyConfig, recorder: Recorder) -> dict:
+        evaluation = {"rapo": {"average": {"plcc": 0.4, "srcc": 0.3, "plcc_se": 0.02, "unparseable_rate": 0.0},
+                               "ava": {"n": 2, "plcc": 0.5, "srcc": 0.45},
+                               "readouts": {"expected": {"average": {"plcc": 0.42, "srcc": 0.35}}}}}
+        recorder.pipeline_metrics(model_metrics(evaluation))
+        return {"rows": 2}
+
+    run_stage("toy", "params.yaml", ToyConfig, toy_stage, metrics_dir=tmp_path / "metrics")
+    run_stage("evaluate", "params.yaml", ToyConfig, scored_stage, metrics_dir=tmp_path / "metrics")
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    (pipeline,) = client.search_runs([experiment.experiment_id], f"tags.`{ROLE_TAG}` = 'pipeline'")
+    params, metrics = pipeline.data.params, pipeline.data.metrics
+    assert params["rl_learning_rate"] == "5e-05" and params["rollout_temperature"] == "0.7"
+    assert params["recipe"] == "tiny" and params["launcher"] == "python" and params["teacher_model"] == "none"
+    assert params["processes"] == "1"  # logged by the stages the launcher starts
+    assert metrics["rapo/plcc"] == 0.4 and metrics["rapo/plcc_se"] == 0.02 and metrics["rapo/ava_srcc"] == 0.45
+    assert metrics["rapo/expected_plcc"] == 0.42 and metrics["rapo/unparseable"] == 0.0
+    assert metrics["seconds/total"] == metrics["seconds/toy"] + metrics["seconds/evaluate"] > 0
+    (stage,) = client.search_runs([experiment.experiment_id], "attributes.run_name = 'evaluate'")
+    assert "rapo/plcc" not in stage.data.metrics and "rows" in stage.data.metrics  # stages keep their detail
+
+
+def test_the_ui_link_opens_the_training_views(monkeypatch):
+    """MLflow 3.17's UI opens a new browser on its GenAI views unless the link picks the training ones."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow-host:5000/")
+    assert ui_link("3", "abc") == "http://mlflow-host:5000/#/experiments/3/runs/abc?workflowType=machine_learning"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////tmp/x.db")
+    assert ui_link("3") == "http://127.0.0.1:5000/#/experiments/3?workflowType=machine_learning"

@@ -39,12 +39,14 @@ from aesr1.aescot.filters import FilterConfig, align_errors, fact_errors, leak_e
 from aesr1.aescot.measure import measure_file
 from aesr1.config import config
 from aesr1.errors import AesError
+from aesr1.evaluation.gallery import write_gallery
 from aesr1.evaluation.plots import histogram_plot, history_curves, scatter_plot
 from aesr1.evaluation.report import write_report
 from aesr1.inference import DecodingConfig, PolicyScorer, critique_of, generate, image_scores, signature
 from aesr1.metrics import bootstrap_correlations, correlations, resample_indices
 from aesr1.policy.generation import load_policy
 from aesr1.stage import Recorder
+from aesr1.summary import model_metrics
 from aesr1.trajectory import band_of
 
 log = logging.getLogger(__name__)
@@ -78,6 +80,7 @@ class EvaluateConfig:
     max_per_test_set: int | None = None
     unparseable_score: float = 0.5
     bootstrap: int = 1000  # resamples of the test images for each standard error
+    gallery_size: int = 200  # test images in gallery.html (thumbnail, true score, each model's critique); 0: none
     # (model, baseline) pairs whose average PLCC/SRCC difference is reported with its paired standard error
     compare: list[tuple[str, str]] = field(default_factory=lambda: [("sft", "backbone"), ("rapo", "sft")])
     decoding: DecodingConfig = field(default_factory=DecodingConfig)
@@ -333,6 +336,11 @@ def evaluate(cfg: EvaluateConfig, recorder: Recorder) -> dict:
     recorder.artifact(out / "report.md")
     recorder.artifact(out / "predictions.parquet")
     recorder.table("predictions_sample.json", predictions.groupby("model").head(30).drop(columns=["image_path"]))
+    if cfg.gallery_size:
+        sort_model = cfg.register.model or list(chosen)[-1]
+        recorder.artifact(write_gallery(predictions, out / "gallery.html", sort_model, cfg.gallery_size,
+                                        cfg.decoding.seed))
+    recorder.pipeline_metrics(model_metrics(metrics))
 
     if cfg.register.model:
         version = register(cfg, metrics[cfg.register.model]["average"])

@@ -81,9 +81,32 @@ class BackboneConfig:
     checkpoint_root: str = "data/checkpoints"
     # the pixel budget of every image the policy sees (SFT, RL, evaluation, inference), saved with its processor
     min_pixels: int | None = None  # None: the model's own (Qwen2.5-VL: 3136; the tiny model: one visual token)
-    max_pixels: int = MAX_PIXELS
+    max_pixels: int | None = None  # None: the model's trained budget (:func:`pixel_budget`)
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+
+
+def pixel_budget(cfg: BackboneConfig) -> int:
+    """The most pixels of an image the policy sees: ``max_pixels``, or (None) what the model was trained on.
+
+    The tiny model is pretrained on ``tiny.image_size`` x ``tiny.image_size`` images only, so its budget
+    is that many pixels: a photo of any size is read at about that size, with the visual tokens it was
+    trained on (64 x 64: 16 tokens at patch 8, 2 x 2 merged), not hundreds it never saw. A real backbone's
+    is the reference's :data:`aesr1.images.MAX_PIXELS` (~315 Qwen2.5-VL tokens).
+    """
+    if cfg.max_pixels is not None:
+        return cfg.max_pixels
+    return cfg.tiny.image_size ** 2 if cfg.name_or_path == "tiny" else MAX_PIXELS
+
+
+def with_pixel_budget(processor, cfg: BackboneConfig):
+    """``processor`` set to the backbone's budget (``min_pixels``, :func:`pixel_budget`), as the stage saves it."""
+    budget, trained = pixel_budget(cfg), cfg.tiny.image_size ** 2
+    if cfg.name_or_path == "tiny" and budget > trained:
+        log.warning("backbone.max_pixels %d is above the %d pixels of the tiny model's %d x %d training images: "
+                    "larger images get more visual tokens than it was trained on (null: its trained budget)",
+                    budget, trained, cfg.tiny.image_size, cfg.tiny.image_size)
+    return set_pixel_budget(processor, cfg.min_pixels, budget)
 
 
 # ---------------------------------------------------------------- descriptions
@@ -176,7 +199,8 @@ def build_tokenizer(vocab_size: int):
 
 
 def build_tiny(cfg: TinyModelConfig, seed: int = 0):
-    """A randomly initialised Qwen2.5-VL and its processor, from config.
+    """A randomly initialised Qwen2.5-VL and its processor, from config; the processor reads every image
+    within the ``image_size`` x ``image_size`` pixels the model is trained on.
 
     The initialisation is seeded (torch's default generator starts from a different seed in
     every process, and an unseeded build made each pipeline run train a different model), on a
@@ -194,8 +218,9 @@ def build_tiny(cfg: TinyModelConfig, seed: int = 0):
     tokenizer = build_tokenizer(cfg.vocab_size)
     chat_template = resources.files("trl").joinpath("chat_templates", "qwen2_5_vl.jinja").read_text()
     token = (2 * cfg.patch_size) ** 2  # the pixels of one visual token (2 x 2 patches merged)
+    # at most the pixels of its training images (the backbone stage saves it with pixel_budget's)
     image_processor = Qwen2VLImageProcessor(patch_size=cfg.patch_size, merge_size=2, temporal_patch_size=2,
-                                            min_pixels=token, max_pixels=MAX_PIXELS)
+                                            min_pixels=token, max_pixels=cfg.image_size ** 2)
     video_processor = Qwen2VLVideoProcessor(patch_size=cfg.patch_size, merge_size=2, temporal_patch_size=2)
     processor = Qwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
                                     video_processor=video_processor, chat_template=chat_template)
@@ -233,13 +258,13 @@ def backbone(cfg: BackboneConfig, recorder: Recorder) -> dict:
         from transformers import AutoConfig, AutoProcessor
 
         config_ = AutoConfig.from_pretrained(cfg.name_or_path)
-        processor = set_pixel_budget(AutoProcessor.from_pretrained(cfg.name_or_path), cfg.min_pixels, cfg.max_pixels)
+        processor = with_pixel_budget(AutoProcessor.from_pretrained(cfg.name_or_path), cfg)
         processor.save_pretrained(out)  # the folder's processor: the model's, with the budget
         (out / POINTER).write_text(json.dumps({"name_or_path": cfg.name_or_path}, indent=1))
         return {"kind": "pretrained", "model_type": config_.model_type}
 
     model, processor = build_tiny(cfg.tiny, cfg.pretrain.seed)
-    set_pixel_budget(processor, cfg.min_pixels, cfg.max_pixels)
+    with_pixel_budget(processor, cfg)
     params = sum(p.numel() for p in model.parameters())
     log.info("tiny Qwen2.5-VL: %.2fM parameters, vocabulary %d", params / 1e6, len(processor.tokenizer))
     checkpoints = Path(cfg.checkpoint_root) / f"backbone-{run_fingerprint(cfg)}"

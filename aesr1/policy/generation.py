@@ -7,6 +7,7 @@ Qwen2.5-VL-7B from the hub load through the same ``Auto*`` classes.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 from dataclasses import dataclass
@@ -18,6 +19,8 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from aesr1.images import load_image
 from aesr1.policy.data import prompt_messages
+
+log = logging.getLogger(__name__)
 
 POINTER = "backbone.json"  # a backbone folder that names a hub model or a folder instead of holding one
 
@@ -55,9 +58,27 @@ def load_policy(path: str | Path, training: str | None = None):
     else:
         dtype = torch.bfloat16
     model = AutoModelForImageTextToText.from_pretrained(resolve_model(path), dtype=dtype)
+    model.generation_config = token_ids_only(model.generation_config)
     if training is None:
         model = model.to(process_device())
     return model, load_processor(path)
+
+
+def token_ids_only(generation_config):
+    """The model folder's generation config less its sampling fields, which come from params alone.
+
+    transformers fills every field a caller leaves unset from the model's generation_config.json:
+    a hub model's (Qwen2.5-VL-7B-Instruct: repetition_penalty 1.05, top_k 1, temperature 0.1) would
+    then apply to some sampling paths and not others. Only the special token ids are kept.
+    """
+    from transformers import GenerationConfig
+
+    dropped = {k: v for k, v in generation_config.to_diff_dict().items()
+               if k not in ("bos_token_id", "eos_token_id", "pad_token_id", "transformers_version")}
+    if dropped:
+        log.info("sampling fields of the model's generation_config.json left out (params set them): %s", dropped)
+    return GenerationConfig(bos_token_id=generation_config.bos_token_id, eos_token_id=generation_config.eos_token_id,
+                            pad_token_id=generation_config.pad_token_id)
 
 
 def load_processor(path: str | Path):
@@ -184,12 +205,12 @@ def _sample_here(model, processor, jobs, filler, temperature, top_p, top_k, max_
         inputs = inputs.to(model.device)
         steps = StepLogits(temperature if do_sample else 1.0, digit_ids)
         hook = model.get_output_embeddings().register_forward_hook(steps)
-        try:
+        try:  # every sampling field set here (neutral when greedy), none left to the model folder's defaults
             sequences = model.generate(
                 **inputs, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                temperature=temperature if do_sample else None,
-                top_p=top_p if do_sample else None, top_k=top_k if do_sample else None, eos_token_id=eos,
-                pad_token_id=pad)
+                temperature=temperature if do_sample else 1.0, top_p=top_p if do_sample else 1.0,
+                top_k=top_k if do_sample else 0, min_p=None, repetition_penalty=1.0, no_repeat_ngram_size=0,
+                eos_token_id=eos, pad_token_id=pad)
         finally:
             hook.remove()
         if start is None:

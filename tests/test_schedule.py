@@ -1,0 +1,138 @@
+"""A deployment's schedule fires on a real Prefect server: its scheduler service creates the flow run
+by itself (no `prefect deployment run`) and a real cpu-pool worker runs it to completion.
+
+`prefect_test_harness` runs no scheduler, so only this test sees a scheduler that fails on every loop
+(prefect 3.8 with SQLAlchemy 2.1: "Can't evaluate bulk DML statement", hence sqlalchemy<2.1).
+"""
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+from conftest import cli_env, repo_copy, run, shrink_params
+from test_orchestration import free_port, start, stop, wait_for
+
+pytestmark = pytest.mark.slow
+
+INTERVAL_S = 10  # the schedule added to prefect.yaml's `nightly` (its cron one stays, next due at 02:00 UTC)
+SCHEDULED_WITHIN_S, COMPLETED_WITHIN_S = 45, 120  # after the deployment, then after its first scheduled run
+FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+
+def _tail(log: Path, chars: int = 4000) -> str:
+    """The end of a log, without the API server's access lines (the worker polls every 2 s)."""
+    if not log.is_file():
+        return f"({log} missing)"
+    lines = [line for line in log.read_text(errors="replace").splitlines() if '"POST /api/' not in line
+             and '"GET /api/' not in line and '"PATCH /api/' not in line]
+    return "\n".join(lines)[-chars:]
+
+
+def _first_error(log: Path) -> str:
+    """The first error line in a log (the scheduler's exception), for the assertion message."""
+    lines = log.read_text(errors="replace").splitlines() if log.is_file() else []
+    return next((line for line in lines if "Error" in line and "sqlalchemy" in line.lower()),
+                next((line for line in lines if "Error" in line), "(no error line)"))
+
+
+def _stop_tree(process) -> None:
+    """Stop a process started in its own session: SIGINT, then SIGKILL its group and any descendants left."""
+    try:
+        children = psutil.Process(process.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        children = []
+    stop(process)
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    for child in children:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+def _poll(probe, timeout_s: float, processes, logs):
+    """``probe()`` every 2 s until it returns something truthy (returned) or ``timeout_s`` passes (None)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for process in processes:
+            assert process.poll() is None, f"{process.args} exited ({process.returncode}){logs()}"
+        if found := probe():
+            return found
+        time.sleep(2)
+    return None
+
+
+def _flow_runs(api: str, deployment_id: str) -> list[dict]:
+    body = {"flow_runs": {"deployment_id": {"any_": [deployment_id]}}, "sort": "EXPECTED_START_TIME_ASC"}
+    response = httpx.post(f"{api}/flow_runs/filter", json=body, timeout=10)
+    response.raise_for_status()
+    return response.json()
+
+
+def test_the_server_scheduler_creates_nightly_runs_and_a_worker_completes_one(tmp_path):
+    home = tmp_path / "prefect-home"
+    home.mkdir()
+    root = shrink_params(repo_copy(tmp_path / "repo"))
+    lock_before = (root / "dvc.lock").read_text()
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {**cli_env(tmp_path), "PREFECT_HOME": str(home), "PREFECT_API_URL": api,
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_LOGGING_LEVEL": "INFO",
+           "PREFECT_SERVER_LOGGING_LEVEL": "INFO"}
+    server_log, worker_log = tmp_path / "server.log", tmp_path / "worker.log"
+
+    def logs() -> str:
+        return (f"\nscheduler error: {_first_error(server_log)}"
+                f"\n--- server log (tail) ---\n{_tail(server_log)}\n--- worker log (tail) ---\n{_tail(worker_log)}")
+
+    server = start(["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)], home, env, server_log)
+    worker = None
+    try:
+        try:
+            wait_for(f"{api}/health", server, timeout_s=60)
+        except AssertionError as error:
+            raise AssertionError(f"{error}{logs()}") from None
+        assert "cpu, gpu" in run(["python", "-m", "flows.pools"], root, env)
+        # the project's own prefect.yaml and `nightly` deployment, with an interval schedule added and one quick stage
+        run(["prefect", "--no-prompt", "deploy", "--name", "nightly", "--interval", str(INTERVAL_S),
+             "--params", json.dumps({"stages": ["synth"]})], root, env)
+        deployment = httpx.get(f"{api}/deployments/name/aesr1-pipeline/nightly", timeout=10).json()
+        assert sorted(s["schedule"].get("interval") or 0 for s in deployment["schedules"]) == [0, INTERVAL_S], \
+            deployment["schedules"]
+        worker = start(["prefect", "worker", "start", "--pool", "cpu", "--type", "process", "--limit", "1"], root,
+                       {**env, "AESR1_REPO": str(root), "PREFECT_WORKER_QUERY_SECONDS": "2"}, worker_log)
+
+        # the scheduler's recent-deployments loop (every 5 s) schedules a new deployment's runs at once
+        runs = _poll(lambda: _flow_runs(api, deployment["id"]), SCHEDULED_WITHIN_S, (server, worker), logs)
+        assert runs, f"the scheduler created no run of nightly in {SCHEDULED_WITHIN_S} s{logs()}"
+
+        def first_completed():
+            runs[:] = _flow_runs(api, deployment["id"])
+            ended = [r for r in runs if r["state"] and r["state"]["type"] in FINAL - {"COMPLETED"}]
+            assert not ended, f"flow run {ended[0]['name']} ended {ended[0]['state']}{logs()}"
+            return next((r for r in runs if r["state"]["type"] == "COMPLETED"), None)
+
+        completed = _poll(first_completed, COMPLETED_WITHIN_S, (server, worker), logs)
+        assert completed is not None, (f"no run of nightly completed in {COMPLETED_WITHIN_S} s: "
+                                       f"{[(r['name'], r['state']['type']) for r in runs[:5]]}{logs()}")
+    finally:
+        for process in (worker, server):
+            if process is not None:
+                _stop_tree(process)
+
+    # every run came from the scheduler, and the completed one from the added interval schedule
+    interval_schedule = next(s["id"] for s in deployment["schedules"] if s["schedule"].get("interval"))
+    assert all(r["auto_scheduled"] and (r["created_by"] or {}).get("type") == "SCHEDULE" for r in runs), \
+        [(r["name"], r["auto_scheduled"], r["created_by"]) for r in runs]
+    assert completed["created_by"]["id"] == interval_schedule and completed["parameters"] == {"stages": ["synth"]}
+    assert (root / "data/aessynth/aessynth_latent.csv").is_file()  # the worker ran synth in the copy
+    assert (root / "dvc.lock").read_text() != lock_before  # synth reproduced with the shrunk params
+    assert completed["name"] in worker_log.read_text()
