@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import typing
 from pathlib import Path
 from typing import TypeVar
 
@@ -19,6 +22,64 @@ config = _pydantic_dataclass(config=ConfigDict(extra="forbid"))
 
 class ParamsError(AesError):
     """params.yaml is missing, unreadable, or a section does not match its config."""
+
+
+SHARED = "aesr1.shared"  # field metadata: the dotted params key that holds this field's value
+
+
+def shared(key: str, **default):
+    """A config field whose value has its one home elsewhere in params (``key``, e.g. ``rl.grpo.temperature``
+    for every probe's sampling temperature): :func:`load_section` fills it from there, and setting it in the
+    section too is an error. ``default`` (``default=`` or ``default_factory=``) applies when ``key`` is unset."""
+    return dataclasses.field(metadata={SHARED: key}, **default)
+
+
+def shared_keys(cls: type, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], str]:
+    """Field path within ``cls`` -> the params key it is read from, for every :func:`shared` field (nested too)."""
+    found = {}
+    if not dataclasses.is_dataclass(cls):
+        return found
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if SHARED in f.metadata:
+            found[(*prefix, f.name)] = f.metadata[SHARED]
+        else:
+            nested = next((c for c in (hints[f.name], *typing.get_args(hints[f.name])) if dataclasses.is_dataclass(c)),
+                          None)
+            if nested is not None:
+                found.update(shared_keys(nested, (*prefix, f.name)))
+    return found
+
+
+def lookup(params: dict, key: str):
+    """The value at a dotted key, or KeyError."""
+    value = params
+    for part in key.split("."):
+        if not isinstance(value, dict) or part not in value:
+            raise KeyError(key)
+        value = value[part]
+    return value
+
+
+def with_shared(path: str | Path, params: dict, section: str, cls: type, raw: dict) -> dict:
+    """``raw`` with every :func:`shared` field of ``cls`` filled from its one home in ``params``."""
+    raw = copy.deepcopy(raw)
+    for field_path, key in shared_keys(cls).items():
+        here = ".".join((section, *field_path))
+        holder = raw
+        for part in field_path[:-1]:
+            holder = holder.setdefault(part, {})
+            if not isinstance(holder, dict):
+                break
+        else:
+            if field_path[-1] in holder:
+                raise ParamsError(f"{source_of(path, params, here.split('.'))}: {here} is not set here: it is "
+                                  f"{key}, one value for every place that uses it")
+            try:
+                holder[field_path[-1]] = lookup(params, key)
+            except KeyError:
+                pass
+    return raw
 
 
 def read_params(path: str | Path) -> dict:
@@ -73,7 +134,7 @@ def load_section(path: str | Path, section: str, cls: type[T]) -> T:
     """Parse ``section`` of the params file (with its recipe) into ``cls``; missing keys take the defaults."""
     params = with_recipe(path, read_params(path))
     check_recipe(path, params, section)
-    raw = params.get(section) or {}
+    raw = with_shared(path, params, section, cls, params.get(section) or {})
     try:
         return TypeAdapter(cls).validate_python(raw)
     except ValidationError as err:
@@ -103,9 +164,6 @@ def source_of(path: str | Path, params: dict, keys: list[str]) -> str:
 
 def settings_at(cls: type, loc: tuple) -> list[str]:
     """The setting names of the config class reached by following ``loc`` from ``cls`` (empty if none)."""
-    import dataclasses
-    import typing
-
     for key in loc:
         if not dataclasses.is_dataclass(cls):
             return []

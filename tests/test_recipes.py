@@ -11,7 +11,7 @@ from aesr1.errors import AesError
 from aesr1.policy.backbone import BackboneConfig
 from aesr1.policy.sft import SFTStageConfig
 from aesr1.policy.train import trl_arguments
-from aesr1.rl.rl import RLStageConfig
+from aesr1.rl.rl import RLStageConfig, grpo_config
 
 
 @pytest.fixture
@@ -68,3 +68,32 @@ def test_trl_options_pass_through_by_trls_own_names():
         trl_arguments(GRPOConfig, owned, {"vllm_gpu_memory_utilisation": 0.3})
     with pytest.raises(AesError, match="set by this project"):
         trl_arguments(GRPOConfig, owned, {"learning_rate": 1e-5})
+
+
+def test_one_rollout_temperature_reaches_the_rollouts_and_every_probe(params, tmp_path):
+    """rl.grpo.temperature is the one home: `dvc exp run -S rl.grpo.temperature=1.3` changes the RL sampling
+    and the held-out probes after SFT and after RL alike; a copy of it in a probe's section is an error."""
+    write, data = params
+    data = yaml.safe_load(yaml.safe_dump(data))
+    data["rl"]["grpo"]["temperature"] = 1.3
+    path = write(rl=data["rl"])
+    sft, rl = load_section(path, "sft", SFTStageConfig), load_section(path, "rl", RLStageConfig)
+    assert sft.heldout.temperature == rl.heldout.temperature == 1.3
+    assert grpo_config(rl, tmp_path / "ck", [1.0], []).temperature == 1.3
+    assert load_section(write(recipe="qwen2.5-vl-7b", rl=data["rl"]), "sft", SFTStageConfig).heldout.temperature == 1.0
+    data["sft"]["heldout"]["temperature"] = 0.7
+    with pytest.raises(ParamsError, match="sft.heldout.temperature is not set here: it is rl.grpo.temperature"):
+        load_section(write(rl=data["rl"], sft=data["sft"]), "sft", SFTStageConfig)
+
+
+def test_every_shared_setting_is_a_dvc_params_dep_of_the_stage_that_reads_it():
+    """A stage reading a value from another section reruns when it changes."""
+    from aesr1.cli import STAGES
+    from aesr1.config import shared_keys
+
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    for name, (module, config_class, *_) in STAGES.items():
+        import importlib
+
+        for key in shared_keys(getattr(importlib.import_module(module), config_class)).values():
+            assert key in stages[name]["params"] or key.split(".")[0] in stages[name]["params"], (name, key)

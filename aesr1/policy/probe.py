@@ -11,7 +11,7 @@ from dataclasses import field
 import numpy as np
 import pandas as pd
 
-from aesr1.config import config
+from aesr1.config import config, shared
 from aesr1.metrics import correlations
 from aesr1.policy.generation import sample
 from aesr1.trajectory import parse_score
@@ -23,7 +23,7 @@ class HeldoutConfig:
 
     samples: int = 200
     datasets: list[str] = field(default_factory=lambda: ["ava", "tad66k", "flickr_aes"])
-    temperature: float = 1.0  # the RL temperature
+    temperature: float = shared("rl.grpo.temperature", default=1.0)  # the RL rollouts' temperature
     max_new_tokens: int = 512
     batch_size: int = 32
     seed: int = 0
