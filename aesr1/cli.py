@@ -7,30 +7,34 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Callable
 
-from aesr1 import distributed
+from aesr1 import distributed, environment
 from aesr1.distributed import quiet_other_processes
 from aesr1.errors import AesError
-
-RESTORE_ONLY = "AESR1_RESTORE_ONLY"  # a stage named here must come from DVC's run cache, never run locally
 
 
 class RestoreOnlyError(AesError):
     """DVC was about to run a stage that should have been restored from another machine's run."""
 
 
-def _run_stage(args: argparse.Namespace) -> None:
-    """Import the stage lazily (torch, trl, GE are slow to import) and run it by the stage pattern."""
+def _stage(name: str) -> tuple[type, Callable]:
+    """Stage ``name``'s config class and function, imported lazily (torch, trl, GE are slow to import)."""
     import importlib
 
+    module_name, config_name, function_name, _ = STAGES[name]
+    module = importlib.import_module(module_name)
+    return getattr(module, config_name), getattr(module, function_name)
+
+
+def _run_stage(args: argparse.Namespace) -> None:
+    """Run the stage by the stage pattern."""
     from aesr1.stage import run_stage
 
-    if os.environ.get(RESTORE_ONLY) == args.command:
+    if os.environ.get(environment.RESTORE_ONLY) == args.command:
         raise RestoreOnlyError(f"stage '{args.command}' was to be restored from another machine's run (DVC run cache), "
                            f"but DVC is running it here: that run's outputs are not in the DVC remote")
-    module_name, config_name, function_name, _ = STAGES[args.command]
-    module = importlib.import_module(module_name)
-    run_stage(args.command, args.params, getattr(module, config_name), getattr(module, function_name))
+    run_stage(args.command, args.params, *_stage(args.command))
     distributed.close()
 
 
@@ -63,7 +67,7 @@ STAGES = {
     "filter": ("aesr1.aescot.filter", "FilterStageConfig", "filter_corpus",
                "Triple-filter the distilled critiques (leak, align, fact), apply review decisions, check the "
                "AesCoT corpus (params: filter)."),
-    "backbone": ("aesr1.policy.backbone", "BackboneConfig", "backbone",
+    "backbone": ("aesr1.backbone.backbone", "BackboneConfig", "backbone",
                  "Build the tiny Qwen2.5-VL (with descriptive pretraining) or point at a real VLM (params: backbone)."),
     "sft": ("aesr1.policy.sft", "SFTStageConfig", "sft",
             "Cold-start SFT on the AesCoT corpus, then measure the starting entropy (params: sft)."),
@@ -74,7 +78,15 @@ STAGES = {
                  "quality, entropy, plots, report; register the RAPO model in MLflow (params: evaluate)."),
 }
 
-PIPELINE_MODELS = ("data/models/rapo", "data/models/sft")
+TRAINED_MODELS = ("rl", "sft")  # the stages whose out_dir is a trained policy, the latest first
+
+
+def _stage_config(name: str, params: str):
+    """Stage ``name``'s config from the params file, or its defaults where there is no such file."""
+    from aesr1.config import load_section
+
+    cls, _ = _stage(name)
+    return load_section(params, name, cls) if Path(params).is_file() else cls()
 
 
 def _score(args: argparse.Namespace) -> int:
@@ -82,15 +94,15 @@ def _score(args: argparse.Namespace) -> int:
     import dataclasses
     import json
 
-    from aesr1.config import load_section
-    from aesr1.evaluation.evaluate import EvaluateConfig
-    from aesr1.inference import DecodingConfig, image_files, load_scorer
+    from aesr1.inference import image_files, load_scorer
 
-    model = args.model or next((m for m in PIPELINE_MODELS if (Path(m) / "config.json").is_file()), None)
+    model = args.model
     if model is None:
-        raise AesError(f"no pipeline model in {' or '.join(PIPELINE_MODELS)}; run dvc repro or pass --model")
-    decoding = load_section(args.params, "evaluate", EvaluateConfig).decoding if Path(args.params).is_file() \
-        else DecodingConfig()
+        trained = [_stage_config(stage, args.params).out_dir for stage in TRAINED_MODELS]
+        model = next((m for m in trained if (Path(m) / "config.json").is_file()), None)
+        if model is None:
+            raise AesError(f"no pipeline model in {' or '.join(trained)}; run dvc repro or pass --model")
+    decoding = _stage_config("evaluate", args.params).decoding
     decoding = dataclasses.replace(decoding, greedy=args.greedy or decoding.greedy,
                                    samples_per_image=args.samples or decoding.samples_per_image,
                                    readout=args.readout or decoding.readout)
@@ -138,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     review.set_defaults(handler=_review)
     score = sub.add_parser("score", help="Critique and score images with a trained policy.",
                            description="Critique and score images (files or folders) with the latest pipeline model "
-                                       "(data/models/rapo, else sft), a model folder, or an MLflow model URI.")
+                                       "(rl.out_dir, else sft.out_dir, of --params), a model folder, or an MLflow "
+                                       "model URI.")
     score.add_argument("images", nargs="+", help="image files or folders")
     score.add_argument("--model", help="model folder or MLflow URI (models:/aesr1-policy/latest, runs:/ID/policy)")
     score.add_argument("--json", action="store_true", help="print JSON records")
@@ -147,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--readout", choices=["mean", "expected"],
                        help="mean: of the written scores; expected: of the expected scores under the policy's "
                             "digit distribution after each critique (lower noise)")
-    score.add_argument("--params", default="params.yaml", help="decoding from this file's evaluate section")
+    score.add_argument("--params", default="params.yaml",
+                       help="decoding from this file's evaluate section, the pipeline model from its rl and sft")
     score.set_defaults(handler=_score)
     return parser
 

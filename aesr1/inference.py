@@ -29,9 +29,6 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
 
-READOUTS = ("mean", "expected")
-
-
 @config
 class DecodingConfig:
     """How completions are drawn (the reference's inference sampling by default, or greedy) and read."""

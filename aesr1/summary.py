@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 
+from aesr1 import environment
 from aesr1.config import flatten
 
 # short name -> dotted key in params.yaml (after its recipe is merged)
@@ -40,14 +41,13 @@ PARAM_KEYS = {
 }
 LAUNCHED_STAGES = ("sft", "rl", "evaluate")  # the stages params.yaml's launcher starts: their process count
 SECONDS = "seconds"  # seconds/<stage> and seconds/total
-DVC_EXPERIMENT_ENV = "DVC_EXP_NAME"  # set by DVC for a `dvc exp run`
 
 
 def pipeline_params(params: dict) -> dict[str, str]:
     """The defining params of a run, from the whole params file (recipe merged); absent keys read "none"."""
     flat = flatten(params)
     found = {name: str(flat.get(key, "none")) for name, key in PARAM_KEYS.items()}
-    found["dvc_experiment"] = os.environ.get(DVC_EXPERIMENT_ENV) or "none"
+    found["dvc_experiment"] = os.environ.get(environment.DVC_EXPERIMENT) or "none"
     return found
 
 

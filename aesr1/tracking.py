@@ -30,8 +30,9 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID
 
+from aesr1 import environment
 from aesr1.lineage import git_state
-from aesr1.summary import DVC_EXPERIMENT_ENV, seconds_metric, total_seconds
+from aesr1.summary import seconds_metric, total_seconds
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ def tracking_uri(root: Path | None = None) -> str:
 
 def experiment_name() -> str:
     """``AESR1_EXPERIMENT`` (an ablation study puts its runs in an experiment of their own), else "aesr1"."""
-    return os.environ.get("AESR1_EXPERIMENT") or EXPERIMENT
+    return os.environ.get(environment.EXPERIMENT) or EXPERIMENT
 
 
 def ensure_experiment(client: MlflowClient, root: Path, name: str | None = None) -> str:
@@ -169,10 +170,10 @@ def close_dead_runs_of(root: Path | None = None) -> list[str]:
 
 def pipeline_id() -> str:
     """The id shared by the stages of one pipeline execution (see the module docstring)."""
-    explicit = os.environ.get("AESR1_PIPELINE_ID")
+    explicit = os.environ.get(environment.PIPELINE_ID)
     if explicit:
         return explicit
-    if "DVC_ROOT" in os.environ:
+    if environment.DVC_ROOT in os.environ:
         process = psutil.Process().parent()
         while process is not None and _between(process):
             process = process.parent()
@@ -204,7 +205,7 @@ def _pipeline_run(client: MlflowClient, experiment_id: str, pid: str, lineage: d
     if found:
         return found[0].info.run_id
     # a queued `dvc exp` run names its pipeline run after the experiment (DVC sets DVC_EXP_NAME)
-    exp_name = os.environ.get(DVC_EXPERIMENT_ENV)
+    exp_name = os.environ.get(environment.DVC_EXPERIMENT)
     tags = {PIPELINE_TAG: pid, ROLE_TAG: "pipeline", **lineage, **({DVC_EXP_TAG: exp_name} if exp_name else {})}
     return client.create_run(experiment_id, run_name=pipeline_run_name(lineage, exp_name), tags=tags).info.run_id
 

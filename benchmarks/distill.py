@@ -20,7 +20,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from chat_server import ChatServer  # noqa: E402
 
-from aesr1.aescot.teachers import OpenAITeacher, OpenAITeacherConfig  # noqa: E402
+from aesr1.aescot.teacher_openai import OpenAITeacher, OpenAITeacherConfig  # noqa: E402
 
 
 def main() -> None:

@@ -59,7 +59,7 @@ def child(mode: str, vocab: int, batch: int, tokens: int) -> dict:
     import torch
     from transformers import LogitsProcessor
 
-    from aesr1.policy.backbone import TinyModelConfig, build_tiny
+    from aesr1.backbone.tiny import TinyModelConfig, build_tiny
 
     model, processor = build_tiny(TinyModelConfig())
     model.resize_token_embeddings(vocab)  # the real vocabulary; the tokenizer decodes the ids it knows

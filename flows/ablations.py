@@ -23,6 +23,7 @@ import pandas as pd
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from aesr1 import environment
 from aesr1.errors import AesError
 from aesr1.rl.reward_funcs import REWARD_MODES
 from tasks.dvc_stage import run_logged
@@ -56,7 +57,8 @@ def queue_experiment(root: str, name: str, overrides: dict[str, str]) -> None:
 
 @task(name="run-queued-experiments", cache_policy=NO_CACHE)
 def run_queue(root: str, jobs: int, mlflow_experiment: str) -> None:
-    run_logged(["dvc", "exp", "run", "--run-all", "--jobs", str(jobs)], root, {"AESR1_EXPERIMENT": mlflow_experiment})
+    run_logged(["dvc", "exp", "run", "--run-all", "--jobs", str(jobs)], root,
+               {environment.EXPERIMENT: mlflow_experiment})
 
 
 def experiment_results(exp_show: list, names: dict[str, str]) -> pd.DataFrame:

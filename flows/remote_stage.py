@@ -13,6 +13,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 
+from aesr1 import environment
 from tasks.dvc_stage import run_logged
 
 
@@ -26,6 +27,6 @@ def remote_stage_flow(stage: str, params_yaml: str, dvc_lock: str, pipeline_id: 
         (root_path / "dvc.lock").write_text(dvc_lock)
     get_run_logger().info("stage %s in %s", stage, root_path)
     cmd = ["dvc", "repro", "--pull", "--single-item", stage] + (["--force"] if force else [])
-    run_logged(cmd, root_path, {"AESR1_PIPELINE_ID": pipeline_id})
+    run_logged(cmd, root_path, {environment.PIPELINE_ID: pipeline_id})
     run_logged(["dvc", "push", "--run-cache", stage], root_path)
     return stage

@@ -21,7 +21,7 @@ import yaml
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-RESTORE_ONLY = "AESR1_RESTORE_ONLY"  # read by `aesr1 <stage>` (aesr1/cli.py)
+from aesr1 import environment
 
 
 def dvc_stages(root: str | Path) -> list[str]:
@@ -49,7 +49,7 @@ def repro_stage(stage: str, root: str, pipeline_id: str, force: bool = False) ->
     """Run one stage here with ``dvc repro --single-item``."""
     cmd = ["dvc", "repro", "--single-item", stage] + (["--force"] if force else [])
     try:
-        run_logged(cmd, root, {"AESR1_PIPELINE_ID": pipeline_id})
+        run_logged(cmd, root, {environment.PIPELINE_ID: pipeline_id})
     except RuntimeError as error:
         raise RuntimeError(f"stage '{stage}' failed: {error}") from None
 
@@ -69,7 +69,7 @@ def remote_stage(stage: str, root: str, deployment: str, pipeline_id: str, force
                            f"{flow_run.state.message or 'see its flow run'} (flow run {flow_run.id})")
     logger.info("stage '%s' finished on %s (flow run %s); restoring its outputs", stage, deployment, flow_run.id)
     out = run_logged(["dvc", "repro", "--pull", "--single-item", stage], root,
-                     {"AESR1_PIPELINE_ID": pipeline_id, RESTORE_ONLY: stage})
+                     {environment.PIPELINE_ID: pipeline_id, environment.RESTORE_ONLY: stage})
     if "skipping run" not in out and "didn't change" not in out:
         raise RuntimeError(f"stage '{stage}' was not restored from the run cache:\n{out[-2000:]}")
 

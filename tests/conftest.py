@@ -9,6 +9,8 @@ import pytest
 import yaml
 from PIL import Image
 
+from aesr1 import environment
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -17,8 +19,8 @@ def _isolated_tracking(tmp_path, monkeypatch):
     """Each test tracks into its own SQLite store, never the repository's."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.setenv("GX_ANALYTICS_ENABLED", "false")
-    monkeypatch.delenv("AESR1_PIPELINE_ID", raising=False)
-    monkeypatch.delenv("DVC_ROOT", raising=False)
+    monkeypatch.delenv(environment.PIPELINE_ID, raising=False)
+    monkeypatch.delenv(environment.DVC_ROOT, raising=False)
 
 
 def write_jpeg(path: Path, value: int = 128, size: int = 16) -> Path:
@@ -43,7 +45,7 @@ def repo_copy(dest: Path) -> Path:
 def cli_env(tmp_path: Path) -> dict:
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    env.pop("AESR1_PIPELINE_ID", None)
+    env.pop(environment.PIPELINE_ID, None)
     return env
 
 

@@ -9,11 +9,11 @@ import pytest
 
 from aesr1.aescot import review
 from aesr1.aescot.claims import BY_ID, DIMENSIONS, dimensions_addressed
+from aesr1.aescot.critique_filters import FilterConfig, align_errors, check, fact_errors, leak_errors
 from aesr1.aescot.distill import DistillConfig, distill
 from aesr1.aescot.filter import FilterStageConfig, filter_corpus
-from aesr1.aescot.filters import FilterConfig, align_errors, check, fact_errors, leak_errors
 from aesr1.aescot.measure import measure, measure_file
-from aesr1.aescot.teachers import AnalyticTeacher, AnalyticTeacherConfig
+from aesr1.aescot.teacher_analytic import AnalyticTeacher, AnalyticTeacherConfig
 from aesr1.data.synth import SplitSize, SynthConfig, generate
 from aesr1.stage import Recorder
 from aesr1.trajectory import band_of, make_trajectory, parse_score

@@ -6,7 +6,7 @@ import pytest
 import yaml
 from conftest import REPO
 
-from aesr1 import cli
+from aesr1 import cli, environment
 from aesr1.cli import STAGES, main
 from aesr1.tracking import pipeline_id, project_root
 
@@ -70,9 +70,9 @@ def test_queued_experiments_track_into_the_real_repository(tmp_path):
 
 
 def test_pipeline_id_prefers_the_environment(monkeypatch):
-    monkeypatch.setenv("AESR1_PIPELINE_ID", "flow-run-1")
+    monkeypatch.setenv(environment.PIPELINE_ID, "flow-run-1")
     assert pipeline_id() == "flow-run-1"
-    monkeypatch.delenv("AESR1_PIPELINE_ID")
+    monkeypatch.delenv(environment.PIPELINE_ID)
     assert pipeline_id() != pipeline_id()  # a stage run by hand is its own pipeline
 
 

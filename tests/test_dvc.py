@@ -37,10 +37,13 @@ def test_each_stage_depends_on_every_module_it_runs(stage, pipeline):
     stages, params = pipeline
     assert stages[stage]["cmd"].split()[-1] == stage
     deps = resolved_deps(stages[stage], params)
-    missing = sorted(p for p in import_closure(stage_modules(STAGES[stage][0])) if not covered(p, deps))
+    closure = import_closure(stage_modules(STAGES[stage][0]))
+    missing = sorted(p for p in closure if not covered(p, deps))
     assert not missing, f"dvc.yaml stage '{stage}' runs {missing} but does not depend on them"
     code_deps = [d for d in deps if d.startswith("aesr1")]
     assert all((REPO / d).exists() for d in code_deps), [d for d in code_deps if not (REPO / d).exists()]
+    unused = sorted(d for d in code_deps if not d.startswith("aesr1/templates/") and d not in closure)
+    assert not unused, f"dvc.yaml stage '{stage}' depends on {unused}, which it does not run (a folder: name its files)"
 
 
 def test_the_closure_sees_function_level_imports_and_a_missing_dep_fails():

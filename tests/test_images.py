@@ -9,8 +9,9 @@ import torch
 from datasets import Dataset, Features, Image, List
 from PIL import Image as PILImage
 
+from aesr1.backbone.backbone import BackboneConfig, with_pixel_budget
+from aesr1.backbone.tiny import TinyModelConfig, build_tiny
 from aesr1.images import downscale, load_image, set_pixel_budget
-from aesr1.policy.backbone import BackboneConfig, TinyModelConfig, build_tiny, with_pixel_budget
 from aesr1.policy.generation import load_processor
 
 

@@ -11,6 +11,7 @@ import pytest
 import yaml
 from conftest import REPO
 
+from aesr1 import environment
 from aesr1.checks import DataCheckError, validate
 from aesr1.data.ingest import IngestConfig, IngestError, ingest, mix_quotas
 from aesr1.data.synth import LATENT_FILE, POPULATIONS, SplitSize, SynthConfig, generate
@@ -175,7 +176,7 @@ def test_stage_writes_metrics_and_a_grouped_mlflow_run(tmp_path, raw, monkeypatc
                             min_test_per_dataset=5, max_reject_rate=0.5)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("AESR1_PIPELINE_ID", "pipe-123")
+    monkeypatch.setenv(environment.PIPELINE_ID, "pipe-123")
     metrics = run_stage("ingest", "params.yaml", IngestConfig, ingest)
     assert json.loads((tmp_path / "metrics/ingest.json").read_text()) == metrics
 

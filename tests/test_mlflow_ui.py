@@ -36,6 +36,8 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright pac
 from mlflow.tracking import MlflowClient  # noqa: E402
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME  # noqa: E402
 
+from aesr1 import environment  # noqa: E402
+
 EXPERIMENT = "aesr1"
 ROLE_TAG = "aesr1.role"
 KIND_TAG = "mlflow.experimentKind"
@@ -79,7 +81,7 @@ def two_pipeline_runs(store_uri, tmp_path, monkeypatch):
     identity = ["-c", "user.name=aesr1 tests", "-c", "user.email=tests@aesr1.invalid"]
     subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
     for number, (learning_rate, rapo_plcc) in enumerate(((5.0e-5, 0.37612), (1.0e-4, 0.41187))):
-        monkeypatch.setenv("AESR1_PIPELINE_ID", f"pipeline-{number}")
+        monkeypatch.setenv(environment.PIPELINE_ID, f"pipeline-{number}")
         (tmp_path / "params.yaml").write_text(
             f"recipe: tiny\nrl:\n  grpo: {{learning_rate: {learning_rate}}}\nevaluate: {{rate: 0.5}}\n")
         subprocess.run(["git", *identity, "commit", "-qm", f"lr {learning_rate}", "--", "params.yaml"]

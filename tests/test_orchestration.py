@@ -16,6 +16,8 @@ import pytest
 import yaml
 from conftest import cli_env, repo_copy, run, shrink_params, with_venv
 
+from aesr1 import environment
+
 pytestmark = pytest.mark.slow
 
 
@@ -99,7 +101,7 @@ def test_gpu_pool_runs_rl_through_a_dvc_remote_and_a_dead_worker_fails_the_run_v
     # process per GPU it sees
     assert "CUDA_VISIBLE_DEVICES" not in pool["base_job_template"]["variables"]["properties"]["env"]["default"]
     workers = [start(["prefect", "worker", "start", "--pool", pool_name, "--type", "process"], machine,
-                     {**env, "AESR1_REPO": str(machine)}, tmp_path / f"worker-{pool_name}.log")
+                     {**env, environment.REPO: str(machine)}, tmp_path / f"worker-{pool_name}.log")
                for pool_name, machine in (("cpu", cpu), ("gpu", gpu))]
     try:
         # a worker's flow-run process dies mid-stage: the run fails visibly; a second run completes it

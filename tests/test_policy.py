@@ -13,10 +13,13 @@ import torch
 from conftest import REPO, with_venv, write_jpeg
 from transformers import TrainerCallback
 
-from aesr1.policy.backbone import BackboneConfig, PretrainConfig, TinyModelConfig, backbone, build_tiny, build_tokenizer
+from aesr1.backbone.backbone import BackboneConfig, backbone
+from aesr1.backbone.pretrain import PretrainConfig
+from aesr1.backbone.tiny import TinyModelConfig, build_tiny, build_tokenizer
 from aesr1.policy.data import sft_dataset
 from aesr1.policy.generation import entropies, load_policy, load_processor, resolve_model, sample
-from aesr1.policy.train import TrainConfig, fit, save_trained
+from aesr1.policy.train import TrainConfig, fit
+from aesr1.policy.trainer import save_trained
 from aesr1.stage import Recorder
 from aesr1.trajectory import make_trajectory, parse_score
 

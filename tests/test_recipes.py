@@ -6,11 +6,11 @@ import pytest
 import yaml
 from conftest import REPO
 
+from aesr1.backbone.backbone import BackboneConfig
 from aesr1.config import ParamsError, load_section
 from aesr1.errors import AesError
-from aesr1.policy.backbone import BackboneConfig
 from aesr1.policy.sft import SFTStageConfig
-from aesr1.policy.train import trl_arguments
+from aesr1.policy.trainer import trl_arguments
 from aesr1.rl.rl import RLStageConfig, grpo_config
 
 

@@ -144,11 +144,13 @@ def test_rapo_keeps_a_learned_visible_factor_and_logs_its_health(tmp_path, monke
     import torch
     from test_policy import SMALL
 
-    from aesr1.policy.backbone import BackboneConfig, PretrainConfig, backbone
+    from aesr1.backbone.backbone import BackboneConfig, backbone
+    from aesr1.backbone.pretrain import PretrainConfig
     from aesr1.policy.data import sft_dataset
     from aesr1.policy.generation import load_policy
     from aesr1.policy.probe import HeldoutConfig
-    from aesr1.policy.train import TrainConfig, fit, save_trained
+    from aesr1.policy.train import TrainConfig, fit
+    from aesr1.policy.trainer import save_trained
     from aesr1.rl.rl import GRPOParams, RLStageConfig, rl
     from aesr1.stage import Recorder
     from aesr1.tracking import stage_run

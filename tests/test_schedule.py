@@ -17,6 +17,8 @@ import pytest
 from conftest import cli_env, repo_copy, run, shrink_params
 from test_orchestration import free_port, start, stop, wait_for
 
+from aesr1 import environment
+
 pytestmark = pytest.mark.slow
 
 INTERVAL_S = 10  # the schedule added to prefect.yaml's `nightly` (its cron one stays, next due at 02:00 UTC)
@@ -108,7 +110,7 @@ def test_the_server_scheduler_creates_nightly_runs_and_a_worker_completes_one(tm
         assert sorted(s["schedule"].get("interval") or 0 for s in deployment["schedules"]) == [0, INTERVAL_S], \
             deployment["schedules"]
         worker = start(["prefect", "worker", "start", "--pool", "cpu", "--type", "process", "--limit", "1"], root,
-                       {**env, "AESR1_REPO": str(root), "PREFECT_WORKER_QUERY_SECONDS": "2"}, worker_log)
+                       {**env, environment.REPO: str(root), "PREFECT_WORKER_QUERY_SECONDS": "2"}, worker_log)
 
         # the scheduler's recent-deployments loop (every 5 s) schedules a new deployment's runs at once
         runs = _poll(lambda: _flow_runs(api, deployment["id"]), SCHEDULED_WITHIN_S, (server, worker), logs)

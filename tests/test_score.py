@@ -9,17 +9,11 @@ import pytest
 import yaml
 from PIL import Image
 
+from aesr1.backbone.backbone import BackboneConfig, backbone, pixel_budget, with_pixel_budget
+from aesr1.backbone.pretrain import PretrainConfig
+from aesr1.backbone.tiny import TinyModelConfig, build_tiny
 from aesr1.cli import main
 from aesr1.images import MAX_PIXELS, load_image
-from aesr1.policy.backbone import (
-    BackboneConfig,
-    PretrainConfig,
-    TinyModelConfig,
-    backbone,
-    build_tiny,
-    pixel_budget,
-    with_pixel_budget,
-)
 from aesr1.policy.generation import load_processor
 from aesr1.policy.train import TrainConfig
 from aesr1.stage import Recorder

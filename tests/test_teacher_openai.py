@@ -19,7 +19,7 @@ from conftest import cli_env, write_jpeg
 from PIL import Image
 
 from aesr1.aescot.distill import DistillConfig, DistillError, distill
-from aesr1.aescot.teachers import OpenAITeacher, OpenAITeacherConfig, retry_after, upload_bytes
+from aesr1.aescot.teacher_openai import OpenAITeacher, OpenAITeacherConfig, retry_after, upload_bytes
 from aesr1.errors import AesError
 from aesr1.stage import Recorder, run_stage
 

@@ -8,6 +8,7 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
+from aesr1 import environment
 from aesr1.config import config
 from aesr1.stage import Recorder, run_stage
 from aesr1.summary import model_metrics
@@ -58,9 +59,9 @@ def test_a_stage_run_carries_commit_code_params_and_dataset_lineage(tmp_path, mo
     (stage,) = client.search_runs([experiment.experiment_id], f"tags.`{ROLE_TAG}` = 'stage'")
     tags = stage.data.tags
     assert tags["mlflow.source.git.commit"] == commit and tags["aesr1.git_dirty"] == "false"
-    assert tags["aesr1.code_files"].split(",") == ["aesr1/config.py", "aesr1/distributed.py", "aesr1/errors.py",
-                                                   "aesr1/lineage.py", "aesr1/stage.py", "aesr1/summary.py",
-                                                   "aesr1/tracking.py"]
+    assert tags["aesr1.code_files"].split(",") == ["aesr1/config.py", "aesr1/distributed.py", "aesr1/environment.py",
+                                                   "aesr1/errors.py", "aesr1/lineage.py", "aesr1/stage.py",
+                                                   "aesr1/summary.py", "aesr1/tracking.py"]
     assert len(tags["aesr1.code_md5"]) == 32 and len(tags["aesr1.params_md5"]) == 32
     (dataset,) = stage.inputs.dataset_inputs
     assert dataset.dataset.name == "manifest.parquet"
@@ -127,7 +128,7 @@ def test_a_pipeline_flow_start_closes_runs_of_dead_processes(tmp_path):
 def test_the_pipeline_run_holds_the_runs_defining_params_and_its_results(tmp_path, monkeypatch):
     """Two runs compare on the pipeline run alone: short-named params and metrics, each stage's seconds."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("AESR1_PIPELINE_ID", "p1")
+    monkeypatch.setenv(environment.PIPELINE_ID, "p1")
     (tmp_path / "params.yaml").write_text(
         "launcher: python\nrecipe: tiny\nrl:\n  grpo: {learning_rate: 5.0e-5, temperature: 0.7}\n"
         "toy:\n  rate: 0.25\n")

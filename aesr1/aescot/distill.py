@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from aesr1.aescot.teachers import AnalyticTeacherConfig, TeacherConfig, make_teacher
+from aesr1.aescot.teacher_analytic import AnalyticTeacherConfig
+from aesr1.aescot.teachers import TeacherConfig, make_teacher
 from aesr1.config import config
 from aesr1.errors import AesError
 from aesr1.stage import Recorder

@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from aesr1.aescot.claims import DIMENSIONS, dimensions_addressed
-from aesr1.aescot.filters import LEAK_REGEX, FilterConfig, check
+from aesr1.aescot.critique_filters import LEAK_REGEX, FilterConfig, check
 from aesr1.aescot.measure import measure_files
 from aesr1.checks import validate
 from aesr1.config import config

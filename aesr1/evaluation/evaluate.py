@@ -35,7 +35,7 @@ from scipy import stats
 import aesr1
 from aesr1 import distributed
 from aesr1.aescot.claims import DIMENSION_WORDS, dimensions_addressed
-from aesr1.aescot.filters import FilterConfig, align_errors, fact_errors, leak_errors, polarity
+from aesr1.aescot.critique_filters import FilterConfig, align_errors, fact_errors, leak_errors, polarity
 from aesr1.aescot.measure import measure_file
 from aesr1.config import config
 from aesr1.errors import AesError

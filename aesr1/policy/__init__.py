@@ -1,1 +1,1 @@
-"""The policy: backbone, cold-start SFT, generation."""
+"""The policy: its prompt and datasets, training (SFT, and what RL shares), cold-start SFT, generation."""

@@ -26,6 +26,7 @@ def completion_messages(text: str) -> list[dict]:
 
 
 _MESSAGE = List({"role": Value("string"), "content": List({"type": Value("string"), "text": Value("string")})})
+_IMAGES = List(Image(mode="RGB"))
 
 
 def sft_dataset(frame: pd.DataFrame, target_column: str, prompt_text: str | None = None) -> Dataset:
@@ -35,5 +36,15 @@ def sft_dataset(frame: pd.DataFrame, target_column: str, prompt_text: str | None
         "completion": [completion_messages(t) for t in frame[target_column]],
         "images": [[path] for path in frame["image_path"]],
     }
-    features = Features({"prompt": _MESSAGE, "completion": _MESSAGE, "images": List(Image(mode="RGB"))})
+    features = Features({"prompt": _MESSAGE, "completion": _MESSAGE, "images": _IMAGES})
     return Dataset.from_dict(rows, features=features)
+
+
+def prompt_dataset(frame: pd.DataFrame, columns: dict[str, tuple[list, Value]]) -> Dataset:
+    """Policy prompts with one image each for the policy to complete (RL), plus ``columns``: name -> (values,
+    feature)."""
+    rows = {"prompt": [prompt_messages()] * len(frame), "images": [[path] for path in frame["image_path"]]}
+    features = {"prompt": _MESSAGE, "images": _IMAGES}
+    for name, (values, feature) in columns.items():
+        rows[name], features[name] = values, feature
+    return Dataset.from_dict(rows, features=Features(features))

@@ -19,7 +19,8 @@ from aesr1.config import config
 from aesr1.policy.data import sft_dataset
 from aesr1.policy.generation import load_processor
 from aesr1.policy.probe import HeldoutConfig, heldout_images, probe
-from aesr1.policy.train import TrainConfig, finish, fit, free_optimizer, run_fingerprint, save_trained
+from aesr1.policy.train import TrainConfig, fit
+from aesr1.policy.trainer import finish, free_optimizer, run_fingerprint, save_trained
 
 if TYPE_CHECKING:  # the model code runs without MLflow too (benchmarks on a bare GPU machine)
     from aesr1.stage import Recorder

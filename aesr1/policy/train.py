@@ -5,31 +5,18 @@ Used by the backbone's descriptive pretraining and by the cold-start SFT stage a
 
 from __future__ import annotations
 
-import gc
-import hashlib
-import json
 import logging
-import math
-import shutil
-import time
 from dataclasses import field
 from pathlib import Path
 from typing import Any, Literal
 
-import pandas as pd
 import torch
 from datasets import Dataset
-from transformers import TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint
 
-from aesr1 import distributed
 from aesr1.config import config
-from aesr1.errors import AesError
+from aesr1.policy.trainer import StepProgress, freeze_vision, lora_config, quiet, resume, trl_arguments
 
 log = logging.getLogger(__name__)
-
-# language-model projections only: the vision tower has MLPs with the same names
-LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 
 @config
@@ -56,109 +43,14 @@ class TrainConfig:
     trl: dict[str, Any] = field(default_factory=dict)  # any other SFTConfig field, by trl's own name
 
 
-def freeze_vision(model) -> int:
-    """Freeze the vision tower and its merger (the projector); return the frozen parameter count."""
-    frozen = 0
-    for name, param in model.named_parameters():
-        if ".visual." in f".{name}":
-            param.requires_grad_(False)
-            frozen += param.numel()
-    return frozen
-
-
-def restore_weights(model, checkpoint: str) -> None:
-    """Load a full-model checkpoint's weights into ``model``.
-
-    The Trainer's own resume loads the raw state dict without the key renaming that
-    ``from_pretrained`` applies (Qwen2.5-VL saves ``visual.*``, the module is
-    ``model.visual.*``), so it silently restores nothing; this loads it properly first.
-    """
-    from transformers import AutoModelForImageTextToText
-
-    saved = AutoModelForImageTextToText.from_pretrained(checkpoint, dtype=next(model.parameters()).dtype)
-    model.load_state_dict(saved.state_dict(), strict=True)
-
-
-def run_fingerprint(cfg: object, data: pd.DataFrame | None = None) -> str:
-    """A short hash of a run's config and training data (every row's content): a checkpoint is resumed
-    only by a run with the same config on the same data."""
-    digest = hashlib.sha256(json.dumps(str(cfg)).encode())
-    if data is not None:
-        digest.update(pd.util.hash_pandas_object(data.astype(str), index=False).to_numpy().tobytes())
-    return digest.hexdigest()[:12]
-
-
-class StepProgress(TrainerCallback):
-    """One log line per logging step on the main process: step/total, loss or reward, time left.
-
-    It replaces the Trainer's tqdm bar, which garbles the captured logs of `dvc repro` and Prefect.
-    """
-
-    def __init__(self, name: str):
-        self.name = name
-        self.started = 0.0
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.started = time.monotonic()
-        self.first_step = state.global_step  # a resumed run counts its speed from here
-        return control
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.is_world_process_zero or not logs or "loss" not in logs:
-            return control
-        done = state.global_step - self.first_step
-        elapsed = time.monotonic() - self.started
-        left = elapsed / done * (state.max_steps - state.global_step) if done else math.nan
-        figures = " ".join(f"{k} {logs[k]:.4g}" for k in ("loss", "reward", "kl") if k in logs)
-        log.info("%s step %d/%d (%.0f%%) %s | %s elapsed, ~%s left", self.name, state.global_step, state.max_steps,
-                 100 * state.global_step / max(state.max_steps, 1), figures, clock(elapsed), clock(left))
-        return control
-
-
-def quiet(trainer) -> None:
-    """Drop the Trainer's raw dict printing: StepProgress says the same in one readable line."""
-    from transformers.trainer_callback import PrinterCallback
-
-    trainer.remove_callback(PrinterCallback)
-
-
-def clock(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    minutes, secs = divmod(int(round(seconds)), 60)
-    return f"{minutes}m{secs:02d}s"
-
-
-def trl_arguments(config_class, owned: dict, options: dict) -> dict:
-    """The keyword arguments of a trl config: the project's own, plus ``options`` by trl's field names.
-
-    A name trl does not have is an error (a typo must not be ignored), and so is one the
-    project sets from its own params field (two places for one value).
-    """
-    import dataclasses
-    import difflib
-
-    fields = {f.name for f in dataclasses.fields(config_class)}
-    unknown = sorted(set(options) - fields)
-    if unknown:
-        hints = {name: difflib.get_close_matches(name, fields, n=1) for name in unknown}
-        raise AesError(f"{config_class.__name__} has no field(s) {unknown}"
-                       + "".join(f"; did you mean '{h[0]}' for '{n}'?" for n, h in hints.items() if h))
-    taken = sorted(set(options) & set(owned))
-    if taken:
-        raise AesError(f"{taken} are set by this project from its params (the section's own fields), not under 'trl'")
-    return {**owned, **options}
-
-
 def fit(model, processor, dataset: Dataset, cfg: TrainConfig, checkpoint_dir: Path,
         report_to: list[str] | None = None, callbacks: list | None = None, progress_name: str = "sft"):
     """Train with SFTTrainer (loss on the completion only); resume from the last checkpoint if any.
 
     ``model`` is a model, or a model folder that is loaded once the Trainer's arguments
     exist (under DeepSpeed ZeRO-3 the weights are then partitioned while loading, never
-    whole on one GPU). Returns the trainer; :func:`save_trained` saves its model.
+    whole on one GPU). Returns the trainer; :func:`aesr1.policy.trainer.save_trained` saves its model.
     """
-    from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
     on_gpu = torch.cuda.is_available()
@@ -177,71 +69,8 @@ def fit(model, processor, dataset: Dataset, cfg: TrainConfig, checkpoint_dir: Pa
         model, _ = load_policy(model, training=cfg.mode)
     if cfg.freeze_vision:
         log.info("froze %d vision parameters", freeze_vision(model))
-    peft_config = None
-    if cfg.mode == "lora":
-        peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                                 target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=processor,
-                         peft_config=peft_config, callbacks=[StepProgress(progress_name), *(callbacks or [])])
+                         peft_config=lora_config(cfg), callbacks=[StepProgress(progress_name), *(callbacks or [])])
     quiet(trainer)
-    last = get_last_checkpoint(str(checkpoint_dir)) if checkpoint_dir.is_dir() else None
-    if last:
-        log.info("resuming from %s", last)
-        if cfg.mode == "full":
-            restore_weights(trainer.model, last)
-    trainer.train(resume_from_checkpoint=last)
+    trainer.train(resume_from_checkpoint=resume(trainer, checkpoint_dir, cfg.mode))
     return trainer
-
-
-def save_trained(trainer, processor, out_dir: str | Path, base: str | Path | None = None,
-                 log_model: bool = False) -> Path:
-    """Save a trained policy once, as an ordinary model folder that ``from_pretrained`` loads.
-
-    The Trainer's ``save_model`` gathers the weights (under ZeRO-3 each process holds a
-    part) and writes on the main process only. A LoRA run with ``base`` is merged from
-    the saved adapter into a fresh load of ``base`` on the main process, so the merge
-    never sees partitioned weights. Every process returns once the folder is complete.
-    """
-    out = Path(out_dir)
-    from peft import PeftModel
-
-    if base is not None and isinstance(trainer.model, PeftModel):
-        adapter = out / "adapter"
-        trainer.save_model(str(adapter))
-        if distributed.is_main():
-            from transformers import AutoModelForImageTextToText
-
-            from aesr1.policy.generation import resolve_model
-
-            merged = AutoModelForImageTextToText.from_pretrained(resolve_model(base), dtype=torch.float32)
-            merged = PeftModel.from_pretrained(merged, adapter).merge_and_unload()
-            merged.save_pretrained(out)
-            shutil.rmtree(adapter)
-    else:
-        trainer.save_model(str(out))
-    if distributed.is_main():
-        processor.save_pretrained(out)
-        if log_model:
-            import mlflow
-
-            mlflow.log_artifacts(str(out), artifact_path="model")
-    distributed.barrier()
-    return out
-
-
-def free_optimizer(trainer) -> None:
-    """Drop the optimizer's state before sampling with the trained model (a 7B model's Adam moments alone
-    are 56 GB). Under DeepSpeed the engine owns it and is left as it is."""
-    if getattr(trainer, "is_deepspeed_enabled", False):
-        return
-    trainer.accelerator.free_memory()
-    trainer.optimizer = trainer.lr_scheduler = None
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def finish(checkpoint_dir: Path) -> None:
-    """Remove a finished run's checkpoints (they only serve to resume a killed run); main process only."""
-    if distributed.is_main():
-        shutil.rmtree(checkpoint_dir, ignore_errors=True)

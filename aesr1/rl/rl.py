@@ -21,23 +21,22 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import pandas as pd
 import torch
-from datasets import Dataset, Features, Image, List, Value
+from datasets import Dataset, Value
 from transformers import TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint
 
 from aesr1 import distributed
 from aesr1.config import config
-from aesr1.policy.data import prompt_messages
+from aesr1.policy.data import prompt_dataset
 from aesr1.policy.generation import load_policy
 from aesr1.policy.probe import HeldoutConfig, heldout_images, probe
-from aesr1.policy.train import (
-    LORA_TARGETS,
+from aesr1.policy.trainer import (
     StepProgress,
     finish,
     free_optimizer,
     freeze_vision,
+    lora_config,
     quiet,
-    restore_weights,
+    resume,
     run_fingerprint,
     save_trained,
     trl_arguments,
@@ -102,16 +101,10 @@ class RLStageConfig:
     grpo: GRPOParams = field(default_factory=GRPOParams)
 
 
-_PROMPT = List({"role": Value("string"), "content": List({"type": Value("string"), "text": Value("string")})})
-
-
 def rl_dataset(frame: pd.DataFrame) -> Dataset:
     """Prompts with one image each, plus the columns the rewards read (image_id, score)."""
-    rows = {"prompt": [prompt_messages()] * len(frame), "images": [[p] for p in frame.image_path],
-            "image_id": list(frame.image_id), "score": [float(s) for s in frame.score]}
-    features = Features({"prompt": _PROMPT, "images": List(Image(mode="RGB")), "image_id": Value("string"),
-                         "score": Value("float64")})
-    return Dataset.from_dict(rows, features=features)
+    return prompt_dataset(frame, {"image_id": (list(frame.image_id), Value("string")),
+                                  "score": ([float(s) for s in frame.score], Value("float64"))})
 
 
 class CompletionTables(TrainerCallback):
@@ -192,7 +185,6 @@ def rl_images(cfg: RLStageConfig) -> pd.DataFrame:
 
 def build_trainer(cfg: RLStageConfig, report_to: list[str], callbacks: list) -> tuple:
     """(trainer, processor, training frame, reward names, reward weights, checkpoint folder) as the stage uses them."""
-    from peft import LoraConfig
     from trl import GRPOTrainer
 
     train = rl_images(cfg)
@@ -203,14 +195,9 @@ def build_trainer(cfg: RLStageConfig, report_to: list[str], callbacks: list) -> 
     model, processor = load_policy(cfg.model, training=cfg.grpo.mode)
     if cfg.grpo.freeze_vision:
         freeze_vision(model)
-    peft_config = None
-    if cfg.grpo.mode == "lora":
-        peft_config = LoraConfig(r=cfg.grpo.lora_r, lora_alpha=cfg.grpo.lora_alpha,
-                                 lora_dropout=cfg.grpo.lora_dropout, target_modules=LORA_TARGETS,
-                                 task_type="CAUSAL_LM")
     trainer = GRPOTrainer(model=model, reward_funcs=reward_funcs, args=args,
-                          train_dataset=rl_dataset(train), processing_class=processor, peft_config=peft_config,
-                          callbacks=callbacks)
+                          train_dataset=rl_dataset(train), processing_class=processor,
+                          peft_config=lora_config(cfg.grpo), callbacks=callbacks)
     return trainer, processor, train, names, weights, checkpoints
 
 
@@ -222,11 +209,7 @@ def rl(cfg: RLStageConfig, recorder: Recorder) -> dict:
     recorder.dataset(cfg.train_manifest, train, "training")  # the images RL prompts with
     recorder.param("rapo.reward_functions", ",".join(names))
     recorder.param("rapo.reward_weights", ",".join(map(str, weights)))
-    last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
-    if last:
-        log.info("resuming from %s", last)
-        if cfg.grpo.mode == "full":
-            restore_weights(trainer.model, last)
+    last = resume(trainer, checkpoints, cfg.grpo.mode)
     log.info("RAPO on %s: %d images, rewards %s weights %s", cfg.model, len(train), names, weights)
     with warnings.catch_warnings():  # trl asks a deprecated transformers property at every step
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)

@@ -9,7 +9,8 @@ import pandas as pd
 from aesr1 import distributed
 from aesr1.policy.data import sft_dataset
 from aesr1.policy.generation import load_processor
-from aesr1.policy.train import TrainConfig, fit, save_trained
+from aesr1.policy.train import TrainConfig, fit
+from aesr1.policy.trainer import save_trained
 
 
 def main(backbone: str, trajectories: str, out: str) -> None:

@@ -6,6 +6,9 @@
   overall) disagrees with the score band;
 - fact: a claim found in the text is clearly contradicted by the image's measured
   statistics (see :mod:`aesr1.aescot.claims`).
+
+The filter stage (:mod:`aesr1.aescot.filter`) applies them to the distilled critiques, the
+evaluate stage to the models' own.
 """
 
 from __future__ import annotations
