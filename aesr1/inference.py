@@ -38,8 +38,9 @@ class DecodingConfig:
     top_p: float = 0.7
     top_k: int = 50
     samples_per_image: int = 1  # > 1: the image's score is the mean over its samples
-    # mean: of the samples' written scores (one sample: the reference's readout); expected: of each sample's
-    # expected score under the policy's digit distribution after its critique (lower noise, same cost)
+    # how `aesr1 score` and the registered model read an image's score. mean: of the samples' written scores
+    # (one sample: the reference's readout); expected: of each sample's expected score under the policy's digit
+    # distribution after its critique (lower noise, same cost). The evaluate stage reports every readout.
     readout: Literal["mean", "expected"] = "mean"
     max_new_tokens: int = 512
     batch_size: int = 32

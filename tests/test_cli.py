@@ -19,15 +19,24 @@ def test_every_dvc_stage_has_a_subcommand_with_help():
         assert done.returncode == 0 and "--params" in done.stdout, name
 
 
-def test_a_stage_is_found_from_its_name():
-    """Stage X is the function X in aesr1/<package>/X.py (filter's is filter_corpus, not the builtin's name)."""
+def test_a_stage_is_found_from_its_name_and_reads_its_own_section():
+    """Stage X is the function X in aesr1/<package>/X.py (filter's is filter_corpus, not the builtin's name),
+    taking (cfg, recorder), and the table's config class is the one that reads params.yaml's section X."""
     import importlib
+    import inspect
+
+    from aesr1.config import load_section
 
     for name, (module, config_class, function, _) in STAGES.items():
         assert module.startswith("aesr1.") and module.rsplit(".", 1)[1] == name, module
         assert function == ("filter_corpus" if name == "filter" else name)
-        assert callable(getattr(importlib.import_module(module), function))
-        assert hasattr(importlib.import_module(module), config_class)
+        stage = importlib.import_module(module)
+        assert list(inspect.signature(getattr(stage, function)).parameters) == ["cfg", "recorder"], name
+        cfg = load_section(REPO / "params.yaml", name, getattr(stage, config_class))
+        section = yaml.safe_load((REPO / "params.yaml").read_text())[name]
+        for key, value in section.items():  # every value of the section reaches the stage's config
+            if not isinstance(value, dict):
+                assert getattr(cfg, key) == value, (name, key)
 
 
 def test_bad_params_give_a_clear_error(tmp_path, capsys):

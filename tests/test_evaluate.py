@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 from conftest import write_jpeg
 
+from aesr1.aescot.critique_filters import FilterConfig
 from aesr1.aescot.measure import ImageStats
 from aesr1.errors import AesError
 from aesr1.evaluation.evaluate import critique_quality, noise_ceilings, score_metrics, summarise
@@ -63,7 +64,7 @@ def test_critique_quality_applies_the_aescot_filters_to_the_models_own_critiques
                        "not a trajectory"],
         "predicted": [0.9, 0.8, 0.2, np.nan]})
     measures = {p: _stats(0.5) for p in "abcd"}
-    q = critique_quality(completions, measures)
+    q = critique_quality(completions, measures, FilterConfig())
     assert q["critiques"] == 3  # the unparseable completion has no critique
     assert q["leak_rate"] == pytest.approx(1 / 3)
     assert q["fact_error_rate"] == pytest.approx(1 / 3)  # "too dark" on a mid-bright image

@@ -97,3 +97,12 @@ def test_every_shared_setting_is_a_dvc_params_dep_of_the_stage_that_reads_it():
 
         for key in shared_keys(getattr(importlib.import_module(module), config_class)).values():
             assert key in stages[name]["params"] or key.split(".")[0] in stages[name]["params"], (name, key)
+
+
+def test_the_evaluations_critique_check_uses_the_filter_stages_align_thresholds(params):
+    from aesr1.evaluation.evaluate import EvaluateConfig
+
+    write, data = params
+    data = yaml.safe_load(yaml.safe_dump(data))
+    data["filter"]["align"]["good_min"] = 0.3
+    assert load_section(write(filter=data["filter"]), "evaluate", EvaluateConfig).align.good_min == 0.3

@@ -14,7 +14,7 @@ import pandas as pd
 from aesr1.errors import AesError
 from aesr1.evaluation.report import markdown_table
 
-# REFERENCE.md: (PLCC, SRCC) and starting entropy per setting
+# the paper's (PLCC, SRCC) and starting entropy per setting (docs/method.md)
 PAPER = {
     "rewards": pd.DataFrame({
         "setting": ["binary", "error", "rank", "binary+rank", "error+rank"],

@@ -37,7 +37,7 @@ from aesr1 import distributed
 from aesr1.aescot.claims import DIMENSION_WORDS, dimensions_addressed
 from aesr1.aescot.critique_filters import FilterConfig, align_errors, fact_errors, leak_errors, polarity
 from aesr1.aescot.measure import measure_file
-from aesr1.config import config
+from aesr1.config import config, shared
 from aesr1.errors import AesError
 from aesr1.evaluation.gallery import write_gallery
 from aesr1.evaluation.plots import histogram_plot, history_curves, scatter_plot
@@ -51,7 +51,7 @@ from aesr1.trajectory import band_of
 
 log = logging.getLogger(__name__)
 
-# The paper's average PLCC / SRCC over its five test sets (REFERENCE.md), for the report.
+# The paper's average PLCC / SRCC over its five test sets (docs/method.md), for the report.
 PAPER = {"backbone": ("Qwen2.5-VL-7B backbone", 0.4285, 0.4589), "sft": ("Q-Align (SFT)", 0.5120, 0.5255),
          "rapo": ("Aes-R1", 0.6337, 0.6186)}
 
@@ -80,6 +80,7 @@ class EvaluateConfig:
     max_per_test_set: int | None = None
     unparseable_score: float = 0.5
     bootstrap: int = 1000  # resamples of the test images for each standard error
+    align: FilterConfig = shared("filter.align", default_factory=FilterConfig)  # the critique check's thresholds
     gallery_size: int = 200  # test images in gallery.html (thumbnail, true score, each model's critique); 0: none
     # (model, baseline) pairs whose average PLCC/SRCC difference is reported with its paired standard error
     compare: list[tuple[str, str]] = field(default_factory=lambda: [("sft", "backbone"), ("rapo", "sft")])
@@ -130,10 +131,11 @@ def noise_ceilings(test: pd.DataFrame, latent_path: str | None) -> dict[str, dic
     return ceilings
 
 
-def critique_quality(completions: pd.DataFrame, measures: dict[str, object]) -> dict:
+def critique_quality(completions: pd.DataFrame, measures: dict[str, object], align: FilterConfig) -> dict:
     """The AesCoT filters and more, applied to a model's own critiques.
 
-    ``completions`` has image_path, completion, predicted (that sample's own score).
+    ``completions`` has image_path, completion, predicted (that sample's own score); ``align`` the align
+    filter's thresholds (the filter stage's own).
     """
     rows = []
     for path, text, score in completions[["image_path", "completion", "predicted"]].itertuples(index=False):
@@ -143,7 +145,7 @@ def critique_quality(completions: pd.DataFrame, measures: dict[str, object]) -> 
         row = {"words": len(critique.split()), "dimensions": len(dimensions_addressed(critique)),
                "leak": bool(leak_errors(critique)), "fact": bool(fact_errors(critique, measures[path])),
                "polarity": polarity(critique).score, "score": score}
-        row["align_error"] = (bool(align_errors(critique, band_of(score), FilterConfig()))
+        row["align_error"] = (bool(align_errors(critique, band_of(score), align))
                               if math.isfinite(score) else None)
         rows.append(row)
     if not rows:
@@ -277,7 +279,7 @@ def evaluate_model(name: str, path: str, test: pd.DataFrame, cfg: EvaluateConfig
                                     ("plcc", "srcc", "plcc_se", "srcc_se") if key in per_set[t]}
                                     for t in cfg.test_sets if t in per_set}
                           for readout, per_set in readouts.items()}
-    result["critique"] = critique_quality(completions, measures)
+    result["critique"] = critique_quality(completions, measures, cfg.align)
     result["entropy"] = sampled.entropy
     return result, predictions
 
