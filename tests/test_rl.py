@@ -216,3 +216,20 @@ def test_band_balanced_rl_prompts_take_the_rarest_bands_count_of_each(tmp_path):
     assert chosen.image_id.is_unique and list(chosen.image_id) == list(rl_images(cfg).image_id)  # seeded
     natural = rl_images(RLStageConfig(train_manifest=str(tmp_path / "train.parquet")))
     assert len(natural) == 45
+
+
+@pytest.mark.parametrize("grpo, message", [
+    (dict(images_per_device=2, num_generations=4, trl={"generation_batch_size": 6}),
+     r"rl.grpo: trl refuses these settings: generation_batch_size \(6\) must be divisible"),
+    (dict(use_vllm=True), "rl.grpo.trl.vllm_max_model_length is not set"),
+])
+def test_settings_trl_refuses_stop_the_stage_before_any_model_loads(tmp_path, grpo, message):
+    from aesr1.config import ParamsError
+    from aesr1.rl.rl import GRPOParams, RLStageConfig, build_trainer
+
+    pd.DataFrame({"image_id": ["a", "b"], "image_path": ["a.jpg", "b.jpg"], "score": [0.2, 0.8],
+                  "dataset": ["ava", "ava"]}).to_parquet(tmp_path / "train.parquet")
+    cfg = RLStageConfig(model=str(tmp_path / "no-model-here"), train_manifest=str(tmp_path / "train.parquet"),
+                        checkpoint_root=str(tmp_path / "ck"), balance_bands=False, grpo=GRPOParams(**grpo))
+    with pytest.raises(ParamsError, match=message):  # a ParamsError, not the missing model folder's OSError
+        build_trainer(cfg, [], [])

@@ -297,7 +297,10 @@ def evaluate(cfg: EvaluateConfig, recorder: Recorder) -> dict:
         test = shuffled[shuffled.groupby("dataset").cumcount() < cfg.max_per_test_set].sort_values("image_id")
     recorder.dataset(cfg.test_manifest, test, "evaluation")
     main = distributed.is_main()
-    measures = {p: measure_file(p) for p in test.image_path.unique()} if main else {}
+    # every process measures its share of the images (the fact check's statistics): on the main process alone,
+    # tens of thousands of real images would keep the others waiting inside a collective past its timeout
+    mine = distributed.shard(list(test.image_path.unique()))
+    measures = dict(distributed.gather([(path, measure_file(path)) for path in mine]))
     ceilings = noise_ceilings(test, cfg.latent_scores)
 
     unknown = sorted(set(cfg.only or []) - set(cfg.models))

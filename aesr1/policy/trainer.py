@@ -14,6 +14,7 @@ import logging
 import math
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
@@ -36,7 +37,7 @@ def freeze_vision(model) -> int:
     for name, param in model.named_parameters():
         if ".visual." in f".{name}":
             param.requires_grad_(False)
-            frozen += param.numel()
+            frozen += getattr(param, "ds_numel", param.numel())  # a ZeRO-3 partition holds none locally
     return frozen
 
 
@@ -69,7 +70,9 @@ def resume(trainer, checkpoint_dir: Path, mode: str) -> str | None:
     last = get_last_checkpoint(str(checkpoint_dir)) if checkpoint_dir.is_dir() else None
     if last:
         log.info("resuming from %s", last)
-        if mode == "full":
+        # under DeepSpeed the Trainer's resume loads the engine's own checkpoint, weights included; a second,
+        # partitioned load here would copy empty shards
+        if mode == "full" and not getattr(trainer, "is_deepspeed_enabled", False):
             restore_weights(trainer.model, last)
     return last
 
@@ -161,13 +164,7 @@ def save_trained(trainer, processor, out_dir: str | Path, base: str | Path | Non
         adapter = out / "adapter"
         trainer.save_model(str(adapter))
         if distributed.is_main():
-            from transformers import AutoModelForImageTextToText
-
-            from aesr1.policy.generation import resolve_model
-
-            merged = AutoModelForImageTextToText.from_pretrained(resolve_model(base), dtype=torch.float32)
-            merged = PeftModel.from_pretrained(merged, adapter).merge_and_unload()
-            merged.save_pretrained(out)
+            merge_adapter(base, adapter, out)
             shutil.rmtree(adapter)
     else:
         trainer.save_model(str(out))
@@ -178,6 +175,38 @@ def save_trained(trainer, processor, out_dir: str | Path, base: str | Path | Non
 
             mlflow.log_artifacts(str(out), artifact_path="model")
     distributed.barrier()
+    return out
+
+
+@contextmanager
+def outside_zero3():
+    """Load models whole, as if no ZeRO-3 config were alive.
+
+    While the Trainer's DeepSpeed config lives, transformers loads every model inside
+    ``deepspeed.zero.Init`` (partitioned, a collective): on one process alone, while the
+    others wait at a barrier, that never returns.
+    """
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    alive = hf_deepspeed._hf_deepspeed_config_weak_ref  # transformers keeps no public way to set it aside
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = alive
+
+
+def merge_adapter(base: str | Path, adapter: Path, out: Path) -> Path:
+    """A saved LoRA adapter merged into a fresh, whole load of ``base``, saved to ``out`` (one process)."""
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    from aesr1.policy.generation import resolve_model
+
+    with outside_zero3():
+        merged = AutoModelForImageTextToText.from_pretrained(resolve_model(base), dtype=torch.float32)
+        merged = PeftModel.from_pretrained(merged, adapter).merge_and_unload()
+    merged.save_pretrained(out)
     return out
 
 

@@ -25,7 +25,7 @@ from datasets import Dataset, Value
 from transformers import TrainerCallback
 
 from aesr1 import distributed
-from aesr1.config import config
+from aesr1.config import ParamsError, config
 from aesr1.policy.data import prompt_dataset
 from aesr1.policy.generation import load_policy
 from aesr1.policy.probe import HeldoutConfig, heldout_images, probe
@@ -147,11 +147,19 @@ class CompletionTables(TrainerCallback):
 
 
 def grpo_config(cfg: RLStageConfig, checkpoints: Path, reward_weights: list[float], report_to: list[str]):
+    """trl's GRPOConfig from ``rl.grpo`` (trl's own extra fields from ``rl.grpo.trl``); settings that cannot
+    work stop here, before any model loads, in this project's keys."""
     from trl import GRPOConfig
 
     g = cfg.grpo
+    if g.use_vllm and "vllm_max_model_length" not in g.trl:
+        raise ParamsError(
+            "rl.grpo.use_vllm is true but rl.grpo.trl.vllm_max_model_length is not set: vLLM would size its KV "
+            "cache for the model's whole context (Qwen2.5-VL: 128K tokens) inside vllm_gpu_memory_utilization; set "
+            "it to the longest prompt plus rl.grpo.max_completion_length (e.g. 1024 for ~315 visual + ~90 prompt "
+            "+ 512 completion tokens)")
     on_gpu = torch.cuda.is_available()
-    return GRPOConfig(**trl_arguments(GRPOConfig, dict(
+    kwargs = trl_arguments(GRPOConfig, dict(
         output_dir=str(checkpoints), use_cpu=not on_gpu, bf16=on_gpu, seed=g.seed,
         per_device_train_batch_size=g.images_per_device * g.num_generations,
         gradient_accumulation_steps=g.grad_accum, num_generations=g.num_generations,
@@ -163,7 +171,14 @@ def grpo_config(cfg: RLStageConfig, checkpoints: Path, reward_weights: list[floa
         logging_steps=g.logging_steps, save_strategy="steps", save_steps=g.save_steps, save_total_limit=1,
         report_to=report_to, disable_tqdm=True, dataloader_num_workers=0, shuffle_dataset=True,
         log_completions=True, num_completions_to_print=0, log_multimodal=False,  # files for CompletionTables
-    ), g.trl))
+    ), g.trl)
+    try:
+        return GRPOConfig(**kwargs)
+    except ValueError as error:  # trl's own checks (batch divisibility, ...)
+        raise ParamsError(
+            f"rl.grpo: trl refuses these settings: {error} (the per-device batch is rl.grpo.images_per_device x "
+            f"num_generations = {g.images_per_device * g.num_generations} completions, on "
+            f"{distributed.world_size()} process(es); trl's own fields go under rl.grpo.trl)") from None
 
 
 def rl_images(cfg: RLStageConfig) -> pd.DataFrame:
