@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from aesr1 import distributed, environment
+from aesr1 import distributed, doctor, environment
 from aesr1.distributed import quiet_other_processes
 from aesr1.errors import AesError
 
@@ -163,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--params", default="params.yaml",
                        help="decoding from this file's evaluate section, the pipeline model from its rl and sft")
     score.set_defaults(handler=_score)
+    check = sub.add_parser("doctor", help=doctor.HELP, description=doctor.DESCRIPTION)
+    doctor.add_arguments(check)
+    check.set_defaults(handler=doctor.run)
     return parser
 
 

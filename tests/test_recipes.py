@@ -106,3 +106,18 @@ def test_the_evaluations_critique_check_uses_the_filter_stages_align_thresholds(
     data = yaml.safe_load(yaml.safe_dump(data))
     data["filter"]["align"]["good_min"] = 0.3
     assert load_section(write(filter=data["filter"]), "evaluate", EvaluateConfig).align.good_min == 0.3
+
+
+def test_the_7b_recipe_runs_zero3_through_the_trainer_under_any_launcher(params):
+    """The DeepSpeed config comes with the recipe, so a launcher that counts the GPUs itself (torchrun's
+    --nproc_per_node gpu) is all a GPU machine needs; no process count is written anywhere."""
+    import json
+
+    write, _ = params
+    path = write(recipe="qwen2.5-vl-7b")
+    sft, rl = load_section(path, "sft", SFTStageConfig), load_section(path, "rl", RLStageConfig)
+    for options in (sft.train.trl, rl.grpo.trl):
+        config = json.loads((REPO / options["deepspeed"]).read_text())
+        assert config["zero_optimization"]["stage"] == 3
+        assert config["train_micro_batch_size_per_gpu"] == "auto"  # from the Trainer: one home for the batch
+        assert "num_processes" not in json.dumps(config)
