@@ -16,6 +16,7 @@ import yaml
 from conftest import REPO, cli_env, repo_copy, run, shrink_params, with_venv
 
 from aesr1.errors import AesError
+from aesr1.trajectory import split_trajectory
 
 pytestmark = pytest.mark.slow
 STAGES = list(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"])
@@ -101,8 +102,11 @@ def test_evaluation_gives_the_main_table_predictions_plots_and_report(reproduced
             assert model[name]["n"] == 6 and 0 <= model[name]["unparseable_rate"] <= 1
             assert "noise_ceiling_plcc" in model[name]  # AesSynth carries the latent score
         assert {"plcc", "srcc", "in_domain_plcc", "out_of_domain_plcc"} <= set(model["average"])
-        assert "leak_rate" in model["critique"] or model["critique"]["critiques"] == 0
     predictions = pd.read_parquet(small_repo / "data/evaluate/predictions.parquet")
+    for name, model in metrics.items():  # the critique check ran on exactly the completions that hold a critique
+        written = sum(split_trajectory(text) is not None for text in predictions[predictions.model == name].completion)
+        assert model["critique"]["critiques"] == written, name
+        assert ("leak_rate" in model["critique"]) == (written > 0), name
     assert len(predictions) == 3 * 5 * 6 and set(predictions.model) == set(metrics)
     # evaluated on two processes (conftest's launcher): every test image exactly once per model
     assert not predictions.duplicated(["model", "image_id"]).any()

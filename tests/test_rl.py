@@ -200,7 +200,8 @@ def test_rapo_keeps_a_learned_visible_factor_and_logs_its_health(tmp_path, monke
     assert type(model).__name__ == "Qwen2_5_VLForConditionalGeneration"
     rapo_plcc = expected_plcc(model, processor, heldout)
     print(f"held-out PLCC (expected readout): SFT {sft_plcc:.3f}, RAPO {rapo_plcc:.3f}")
-    assert rapo_plcc > sft_plcc + 0.02 or rapo_plcc > 0.85, (sft_plcc, rapo_plcc)
+    # SFT already reads the factor (0.97 on this testbed): RL must keep it, not destroy it (0.58 -> -0.10 above)
+    assert rapo_plcc > sft_plcc - 0.05, (sft_plcc, rapo_plcc)
 
 
 def test_band_balanced_rl_prompts_take_the_rarest_bands_count_of_each(tmp_path):

@@ -1,0 +1,510 @@
+"""Memory per GPU of the Qwen2.5-VL-7B recipe (SFT and RAPO, full or LoRA) under DeepSpeed ZeRO-3.
+
+    python benchmarks/memory_model.py [--gpus 8] [--json]
+
+Pure arithmetic, no torch: every assumption is a named constant below with a one-line reason.
+``benchmarks/real_shape.py`` measures the same terms on a reduced-depth model at the real widths
+and prints them beside this model's figures for that reduced model, then this table.
+
+How a peak is assembled (all in bytes per GPU):
+
+- persistent: the ZeRO-3 partitions (weights, gradients, fp32 master, Adam moments, the
+  reference model) divided over the GPUs, plus the CUDA context;
+- training phase: ZeRO-3's gathered working set, the checkpointed layer inputs (one hidden
+  vector per token per layer), one layer's full activations recomputed in the backward, the
+  backward's gradient buffers, the fused LM head (trl's chunked log-prob kernel: no full
+  logits), the frozen vision tower's forward transient, the batch's inputs; summed as if all
+  were alive at once (an upper bound: the vision transient is over before the backward starts);
+- generation phase (RL only): trl gathers the whole bf16 model on every GPU for
+  ``generate`` (``ds3_gather_for_generation``), plus the KV cache of the generation batch and
+  the prefill's transient;
+- peak = persistent + max(training phase, generation phase).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass, field
+
+GiB = 2**30
+
+# ---------------------------------------------------------------- bytes per parameter (ZeRO-3, bf16 mixed precision)
+TRAIN_WEIGHT_BYTES = 2  # the bf16 copy of a trainable parameter that forward and backward run on (partitioned)
+TRAIN_GRAD_BYTES = 4  # its gradient partition, counted in fp32 (DeepSpeed reduces bf16, casts to fp32 for the step)
+MASTER_BYTES = 4  # the fp32 master copy the optimizer updates
+ADAM_BYTES = 8  # AdamW's two fp32 moments
+FROZEN_WEIGHT_BYTES = 2  # a frozen parameter (the vision tower; LoRA's whole base): its bf16 copy only
+REF_WEIGHT_BYTES = 2  # trl's reference model (full mode, beta > 0): a second bf16 model, partitioned by ZeRO-3
+TRAINABLE_BYTES = TRAIN_WEIGHT_BYTES + TRAIN_GRAD_BYTES + MASTER_BYTES + ADAM_BYTES  # 18 per trainable parameter
+
+# ---------------------------------------------------------------- ZeRO-3 working set (accelerate's "auto" buckets)
+PREFETCH_BUCKET = 0.9  # stage3_prefetch_bucket_size = 0.9 * hidden^2 parameters gathered ahead of use
+REDUCE_BUCKET = 1.0  # reduce_bucket_size = hidden^2 gradient elements per reduce-scatter bucket
+REDUCE_BUCKET_COPIES = 2  # the bucket being reduced and the one filling (bf16 each)
+CUDA_CONTEXT_GIB = 1.0  # CUDA context, cuBLAS workspace, NCCL buffers: outside PyTorch's allocator
+
+# ---------------------------------------------------------------- activations (bytes per element of what is saved)
+NORM_INPUT_BYTES = 4  # Qwen2RMSNorm upcasts its input to fp32 and saves that copy (pow and mul backward)
+NORM_STAT_BYTES = 4  # ... and its fp32 rsqrt, one per token
+LSE_BYTES = 4  # SDPA's fp32 logsumexp, one per token and head
+LORA_COPY_BYTES_GPU = 2  # peft's lora_dropout output saved by lora_A: bf16 under DeepSpeed bf16 (adapters cast to bf16)
+LORA_MASK_BYTES_GPU = 1  # CUDA's fused dropout saves a bool mask
+LORA_COPY_BYTES_CPU = 4  # on this CPU: fp32 adapters on a bf16 base, no autocast: peft casts the input to fp32
+LORA_MASK_BYTES_CPU = 4  # the CPU dropout multiplies by a saved fp32 noise tensor instead of a bool mask
+EXPANDED_KV_7B = True  # padded batches pass a mask, so transformers' sdpa repeat_kv's K and V to all heads first
+CHECKPOINT_INPUT_COPIES = 1  # gradient checkpointing keeps each layer's input (one hidden vector per token) only
+BACKWARD_INTERMEDIATE_TENSORS = 3  # MLP backward: grads of the down_proj input, SiLU output and up output at once
+BACKWARD_HIDDEN_TENSORS = 4  # hidden-width grads at once: residual stream, layer output, the norm's fp32 pair
+# transformers 5's gradient checkpointing calls enable_input_require_grads, which hooks every sub-model's input
+# embeddings, the vision tower's patch_embed too: the frozen tower then records a graph and is back-propagated
+# (for no parameter gradient), its blocks checkpointed like the text layers. Measured by real_shape.py's probe.
+VISION_GRAPH = True
+
+# ---------------------------------------------------------------- the LM head (trl's fused chunked log-prob kernel)
+TRL_TOKEN_TILE = 4096  # trl.kernels.chunked_logprob.TOKEN_CHUNK_SIZE: tokens per projection tile
+TRL_VOCAB_TILE = 32768  # trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE: vocabulary columns per tile
+HEAD_SAVED_PER_TOKEN = 16  # fp32 log_z and entropy, int64 target, per scored token
+HEAD_GRAD_HIDDEN_BYTES = 4  # the backward accumulates the hidden states' gradient in fp32
+HEAD_WEIGHT_GRAD_BYTES = 4 + 2  # full mode: the lm_head gradient in fp32, then its bf16 cast (gathered, whole)
+NAIVE_LOGIT_BYTES = 4  # a plain forward's fp32 logits for the loss: batch x sequence x vocabulary x 4
+NAIVE_LOGIT_COPIES = 3  # fp32 logit-sized tensors alive in a plain loss's backward: log-softmax out, its grad, logits'
+
+# ---------------------------------------------------------------- generation (trl with transformers' generate)
+KV_BYTES = 2  # bf16 keys and values
+SAMPLING_BYTES_PER_LOGIT = 4 + 4 + 8 + 4  # per row and step: fp32 logits, softmax, int64 sort indices, sorted values
+
+# ---------------------------------------------------------------- GPUs
+GPU_GIB = {"80GB": 79.6, "141GB": 140.4}  # nvidia-smi's totals: H100 80 GB (81,559 MiB), H200 141 GB (143,771 MiB)
+HEADROOM = 0.10  # keep 10% free for the allocator's fragmentation and spikes not modelled
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A Qwen2.5-VL's widths and depths."""
+
+    hidden: int = 3584
+    intermediate: int = 18944
+    layers: int = 28
+    heads: int = 28
+    kv_heads: int = 4
+    vocab: int = 152_064
+    tied: bool = False
+    vision_depth: int = 32
+    vision_hidden: int = 1280
+    vision_intermediate: int = 3420
+    vision_heads: int = 16
+    patch: int = 14
+    merge: int = 2
+    temporal: int = 2
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.head_dim
+
+
+QWEN25_VL_7B = Shape()
+
+
+def text_layer_params(s: Shape) -> int:
+    """One decoder layer: q/k/v with bias, o without, the SwiGLU MLP, two RMSNorms."""
+    attention = 2 * s.hidden * s.hidden + 2 * s.hidden * s.kv_dim + s.hidden + 2 * s.kv_dim
+    return attention + 3 * s.hidden * s.intermediate + 2 * s.hidden
+
+
+def vision_block_params(s: Shape) -> int:
+    h, i = s.vision_hidden, s.vision_intermediate
+    return 2 * h + (3 * h * h + 3 * h) + (h * h + h) + 2 * (h * i + i) + (i * h + h)
+
+
+def param_counts(s: Shape) -> dict[str, int]:
+    """Parameters by part; ``vision`` includes the patch embedding and the merger (the projector)."""
+    merged = s.vision_hidden * s.merge**2
+    vision = (3 * s.temporal * s.patch**2 * s.vision_hidden + s.vision_depth * vision_block_params(s)
+              + s.vision_hidden + merged * merged + merged + merged * s.hidden + s.hidden)
+    counts = {"embed": s.vocab * s.hidden, "lm_head": 0 if s.tied else s.vocab * s.hidden,
+              "text_layers": s.layers * text_layer_params(s), "final_norm": s.hidden, "vision": vision}
+    counts["text"] = counts["embed"] + counts["lm_head"] + counts["text_layers"] + counts["final_norm"]
+    counts["total"] = counts["text"] + vision
+    return counts
+
+
+def vision_block_activation_bytes(s: Shape, compute_bytes: int) -> float:
+    """Bytes saved per patch in one frozen vision block whose input carries a grad: 2 RMSNorms' fp32 inputs and
+    rsqrt, q and k after the rotary (own tensors), the packed qkv output (kept by v, a view of it), the
+    attention output and logsumexp, the MLP's gate, SiLU and up outputs."""
+    h, c = s.vision_hidden, compute_bytes
+    return 2 * (NORM_INPUT_BYTES * h + NORM_STAT_BYTES) + 2 * c * h + 3 * c * h + c * h + LSE_BYTES * s.vision_heads \
+        + 3 * c * s.vision_intermediate
+
+
+def merger_activation_bytes(s: Shape, compute_bytes: int) -> float:
+    """Per patch, once per tower: the merger's RMSNorm fp32 input and rsqrt, its GELU's input (merged width, a
+    quarter per patch), and the rotary cos and sin (fp32, one head's width each) every block shares."""
+    rotary = 2 * (s.vision_hidden // s.vision_heads) * 4
+    return NORM_INPUT_BYTES * s.vision_hidden + NORM_STAT_BYTES + compute_bytes * s.vision_hidden + rotary
+
+
+def lora_params(s: Shape, r: int) -> int:
+    """LoRA A and B on q, k, v, o, gate, up, down of every decoder layer (the project's LORA_TARGETS)."""
+    h, kv, i = s.hidden, s.kv_dim, s.intermediate
+    per_layer = r * ((h + h) + 2 * (h + kv) + (h + h) + 2 * (h + i) + (i + h))
+    return s.layers * per_layer
+
+
+def layer_activation_bytes(s: Shape, compute_bytes: int, lora: bool, lora_copy_bytes: int, lora_mask_bytes: int,
+                           expanded_kv: bool) -> float:
+    """Bytes autograd saves per token in one decoder layer's forward, without checkpointing.
+
+    Derived op by op (what each op's backward needs; a frozen weight's input is not saved):
+    2 RMSNorms: fp32 input + rsqrt, and the normalised input if the norm weight trains;
+    q/k/v: their input if they train; SDPA: q, k, v (expanded to all heads when a mask is passed),
+    output, logsumexp; o_proj's input is SDPA's output itself (the fused kernels write it token-major,
+    so the transpose's ``contiguous`` copies nothing: measured); MLP: its input if it trains,
+    gate output (SiLU), SiLU and up outputs (their product), down_proj's input if it trains;
+    LoRA: per adapted module, its dropout's output (saved by lora_A) and the dropout's mask.
+    """
+    h, kv, i, c = s.hidden, s.kv_dim, s.intermediate, compute_bytes
+    full = not lora
+    norms = 2 * (NORM_INPUT_BYTES * h + NORM_STAT_BYTES + (c * h if full else 0))
+    kv_width = h if expanded_kv else kv
+    attention = c * h + 2 * c * kv_width + c * h + LSE_BYTES * s.heads  # q, k, v, the output, its logsumexp
+    projection_inputs = c * h if full else 0  # the first norm's output, saved by q/k/v (one tensor)
+    mlp = (c * h if full else 0) + 3 * c * i + (c * i if full else 0)
+    adapters = (6 * h + i) * (lora_copy_bytes + lora_mask_bytes) if lora else 0  # q, k, v, o, gate, up: h wide; down: i
+    return norms + attention + projection_inputs + mlp + adapters
+
+
+def backward_transient_bytes(s: Shape, compute_bytes: int) -> float:
+    """Per token: the gradient buffers alive while one layer back-propagates."""
+    return compute_bytes * (BACKWARD_INTERMEDIATE_TENSORS * s.intermediate + BACKWARD_HIDDEN_TENSORS * s.hidden)
+
+
+def vision_transient_bytes(s: Shape, compute_bytes: int) -> float:
+    """Per patch: one vision block's live tensors in the frozen tower's no-grad forward (qkv, attention output,
+    residual, gate/up/act)."""
+    return compute_bytes * (3 * s.vision_hidden + 2 * s.vision_hidden + 3 * s.vision_intermediate)
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One micro-batch per GPU: sequences of prompt (visual + text) and completion tokens."""
+
+    sequences: int
+    visual_tokens: int = 315
+    prompt_text_tokens: int = 90
+    completion_tokens: int = 512
+    images: int | None = None  # images through the vision tower (None: one per sequence)
+
+    @property
+    def tokens_per_sequence(self) -> int:
+        return self.visual_tokens + self.prompt_text_tokens + self.completion_tokens
+
+    @property
+    def tokens(self) -> int:
+        return self.sequences * self.tokens_per_sequence
+
+    @property
+    def scored_tokens(self) -> int:  # the loss falls on the completion only; trl's fused head scores those
+        return self.sequences * self.completion_tokens
+
+
+@dataclass(frozen=True)
+class Setting:
+    """Everything a per-GPU estimate depends on besides the shape."""
+
+    stage: str  # "sft" | "rl" | "eval"
+    mode: str  # "full" | "lora"
+    batch: Batch
+    gpus: int = 8
+    zero3: bool = True
+    gradient_checkpointing: bool = True
+    lora_r: int = 16
+    freeze_vision: bool = True
+    beta: float = 0.01  # RL's KL weight: a reference model in full mode when > 0
+    generations: int = 1  # sequences per image in a batch (RL: K)
+    steps_per_generation: int = 1  # RL: trl generates this many micro-batches at once (= grad_accum)
+    compute_bytes: int = 2  # bf16
+    lora_copy_bytes: int = LORA_COPY_BYTES_GPU
+    lora_mask_bytes: int = LORA_MASK_BYTES_GPU
+    vision_graph: bool = VISION_GRAPH
+    expanded_kv: bool = EXPANDED_KV_7B
+    fused_head: bool = True  # trl's fused LM head (this environment's trl): log-probs in tiles, no full logits
+    gather_for_generation: bool = True  # trl's ds3_gather_for_generation
+    cuda_context_gib: float = CUDA_CONTEXT_GIB
+
+
+@dataclass
+class Estimate:
+    persistent: dict[str, float] = field(default_factory=dict)
+    training: dict[str, float] = field(default_factory=dict)
+    generation: dict[str, float] = field(default_factory=dict)
+    info: dict[str, float] = field(default_factory=dict)  # not added to the peak: references and per-unit figures
+
+    @property
+    def peak(self) -> float:
+        return sum(self.persistent.values()) + max(sum(self.training.values()), sum(self.generation.values()))
+
+
+def estimate(s: Shape, st: Setting) -> Estimate:
+    """Bytes per GPU of ``st`` on a model of shape ``s`` (see the module docstring for how they combine)."""
+    counts = param_counts(s)
+    shards = st.gpus if st.zero3 else 1
+    c = st.compute_bytes
+    trainable_base = 0 if st.mode == "lora" else counts["text"] + (0 if st.freeze_vision else counts["vision"])
+    adapters = lora_params(s, st.lora_r) if st.mode == "lora" else 0
+    frozen = counts["total"] - trainable_base
+    trainable = trainable_base + adapters
+    e = Estimate()
+    if st.stage == "eval":  # evaluation sampling loads the whole bf16 model on each GPU (load_policy)
+        e.persistent["weights (bf16)"] = counts["total"] * FROZEN_WEIGHT_BYTES
+    else:
+        e.persistent["weights (bf16)"] = (trainable * TRAIN_WEIGHT_BYTES + frozen * FROZEN_WEIGHT_BYTES) / shards
+        e.persistent["gradients (fp32)"] = trainable * TRAIN_GRAD_BYTES / shards
+        e.persistent["master + Adam (fp32)"] = trainable * (MASTER_BYTES + ADAM_BYTES) / shards
+        if st.stage == "rl" and st.beta > 0 and st.mode == "full":
+            e.persistent["reference model (bf16)"] = counts["total"] * REF_WEIGHT_BYTES / shards
+    e.persistent["CUDA context"] = st.cuda_context_gib * GiB
+
+    b = st.batch
+    images = b.images if b.images is not None else b.sequences  # trl repeats each image's pixels per completion
+    patches = b.visual_tokens * s.merge**2  # 2 x 2 patches merge into one visual token
+    if st.stage != "eval":
+        t = e.training
+        if st.zero3:
+            gathered = max(counts["embed"], counts["lm_head"]) + text_layer_params(s) + PREFETCH_BUCKET * s.hidden**2
+            t["ZeRO-3 gathered params"] = gathered * TRAIN_WEIGHT_BYTES
+            t["ZeRO-3 reduce buckets"] = REDUCE_BUCKET * s.hidden**2 * 2 * REDUCE_BUCKET_COPIES
+            if st.mode == "full":
+                t["ZeRO-3 gathered layer grads"] = text_layer_params(s) * TRAIN_WEIGHT_BYTES
+        per_layer = layer_activation_bytes(s, c, st.mode == "lora", st.lora_copy_bytes, st.lora_mask_bytes,
+                                           st.expanded_kv)
+        if st.gradient_checkpointing:
+            t["checkpointed layer inputs"] = s.layers * b.tokens * s.hidden * c * CHECKPOINT_INPUT_COPIES
+            t["one layer recomputed"] = b.tokens * per_layer
+        else:
+            t["all layers' activations"] = s.layers * b.tokens * per_layer
+        t["backward grad buffers"] = b.tokens * backward_transient_bytes(s, c)
+        scored = b.scored_tokens
+        final_norm = b.tokens * (NORM_INPUT_BYTES * s.hidden + (c * s.hidden if st.mode == "full" else 0))
+        if st.fused_head:
+            t["LM head (trl fused tiles)"] = (
+                final_norm + scored * (c * s.hidden + HEAD_SAVED_PER_TOKEN + HEAD_GRAD_HIDDEN_BYTES * s.hidden)
+                + min(scored, TRL_TOKEN_TILE) * min(s.vocab, TRL_VOCAB_TILE) * c)
+        else:  # transformers' loss: every position's logits (SFT); trl's logits_to_keep: the completion's (RL)
+            positions = b.tokens if st.stage == "sft" else scored
+            t["full logits (fp32, loss + backward)"] = (positions * s.vocab * NAIVE_LOGIT_BYTES * NAIVE_LOGIT_COPIES
+                                                       + positions * s.vocab * c + final_norm)
+        if st.mode == "full":
+            t["lm_head gradient (gathered)"] = counts["lm_head"] * HEAD_WEIGHT_GRAD_BYTES
+        if st.vision_graph:
+            block = vision_block_activation_bytes(s, c)
+            if st.gradient_checkpointing:
+                t["vision: checkpointed block inputs"] = s.vision_depth * images * patches * s.vision_hidden * c
+                t["vision: one block recomputed"] = images * patches * block
+            else:
+                t["vision: all blocks' activations"] = s.vision_depth * images * patches * block
+            t["vision: merger + rotary"] = images * patches * merger_activation_bytes(s, c)
+        t["vision forward transient"] = images * patches * vision_transient_bytes(s, c)
+        t["inputs (pixel_values fp32, ids)"] = images * patches * 3 * s.temporal * s.patch**2 * 4 + b.tokens * 8 * 3
+        e.info["naive logits B x S x V x 4"] = b.sequences * b.tokens_per_sequence * s.vocab * NAIVE_LOGIT_BYTES
+        e.info["naive logits, completion only"] = scored * s.vocab * NAIVE_LOGIT_BYTES
+        e.info["activation bytes per token per layer"] = per_layer
+        e.info["vision bytes per patch per block"] = vision_block_activation_bytes(s, c)
+
+    seqs = {"rl": b.sequences * st.steps_per_generation, "eval": b.sequences}.get(st.stage, 0)
+    if seqs:
+        g = e.generation
+        if st.stage == "rl" and st.zero3 and st.gather_for_generation:
+            g["whole bf16 model gathered"] = counts["total"] * FROZEN_WEIGHT_BYTES
+        prompt = b.visual_tokens + b.prompt_text_tokens
+        g["KV cache"] = seqs * (prompt + b.completion_tokens) * kv_bytes_per_token(s)
+        prefill = seqs * prompt * c * (2 * s.intermediate + 4 * s.hidden)  # gate, up; q, attention out, residual x 2
+        vision = seqs * patches * vision_transient_bytes(s, c)
+        g["prefill transient"] = max(prefill, vision)
+        g["sampling buffers"] = seqs * s.vocab * SAMPLING_BYTES_PER_LOGIT
+    return e
+
+
+def kv_bytes_per_token(s: Shape) -> int:
+    """The KV cache of one token: keys and values of every layer's KV heads."""
+    return s.layers * 2 * s.kv_dim * KV_BYTES
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The batch shape of configs/recipes/qwen2.5-vl-7b.yaml (real_shape.py reads it from there)."""
+
+    gpus: int = 8
+    sft_batch: int = 8
+    sft_checkpointing: bool = True
+    images_per_device: int = 8
+    generations: int = 4
+    grad_accum: int = 2  # trl generates steps_per_generation = grad_accum micro-batches at once
+    rl_checkpointing: bool = True
+    beta: float = 0.01
+    completion_tokens: int = 512
+    visual_tokens: int = 315
+    prompt_text_tokens: int = 90
+    eval_batch: int = 16
+    lora_r: int = 16
+
+
+def settings(r: Recipe) -> dict[str, Setting]:
+    """The recipe's four training settings and its evaluation sampling, keyed "stage/mode"."""
+    tokens = dict(visual_tokens=r.visual_tokens, prompt_text_tokens=r.prompt_text_tokens,
+                  completion_tokens=r.completion_tokens)
+    out = {}
+    for stage in ("sft", "rl"):
+        for mode in ("full", "lora"):
+            if stage == "sft":
+                out[f"sft/{mode}"] = Setting("sft", mode, Batch(r.sft_batch, **tokens), gpus=r.gpus,
+                                             gradient_checkpointing=r.sft_checkpointing, lora_r=r.lora_r)
+            else:
+                out[f"rl/{mode}"] = Setting("rl", mode, Batch(r.images_per_device * r.generations, **tokens),
+                                            gpus=r.gpus, gradient_checkpointing=r.rl_checkpointing, lora_r=r.lora_r,
+                                            beta=r.beta, generations=r.generations, steps_per_generation=r.grad_accum)
+    out["eval"] = Setting("eval", "full", Batch(r.eval_batch, **tokens), gpus=r.gpus)
+    return out
+
+
+def fits(peak: float, gpu: str) -> bool:
+    return peak <= GPU_GIB[gpu] * GiB * (1 - HEADROOM)
+
+
+def images_that_fit(shape: Shape, st: Setting, gpu: str, most: int = 64) -> int:
+    """The most images per device (``st.generations`` sequences each) with which ``st`` fits ``gpu``; 0 if none."""
+    best = 0
+    for images in range(1, most + 1):
+        batch = dataclasses.replace(st.batch, sequences=images * st.generations)
+        if not fits(estimate(shape, dataclasses.replace(st, batch=batch)).peak, gpu):
+            break
+        best = images
+    return best
+
+
+REMEDIES = (
+    "gradient checkpointing on (gradient_checkpointing: true): one layer's activations instead of 28",
+    "fewer images per device (rl.grpo.images_per_device, sft.train.batch_size) with more grad_accum",
+    "keep trl's fused LM head (no compute_loss_func / label smoothing): full logits are B x S x 152K x 4 bytes",
+    "ZeRO-3 optimizer offload (offload_optimizer_device: cpu): the 12 bytes/param of master + Adam leave the GPU",
+    "LoRA (mode: lora): no gradients, master weights or reference model for the 8.3B base",
+    "vLLM, or ds3_gather_for_generation: false: generation without the whole model gathered on every GPU",
+)
+
+
+def table(shape: Shape, chosen: dict[str, Setting]) -> tuple[str, dict]:
+    """The component x setting table in GiB, the peaks and the verdicts, and the same as a dict."""
+    estimates = {k: estimate(shape, v) for k, v in chosen.items()}
+    rows: list[tuple[str, str]] = []  # (section, component)
+    for section in ("persistent", "training", "generation"):
+        for e in estimates.values():
+            for name in getattr(e, section):
+                if (section, name) not in rows:
+                    rows.append((section, name))
+    width = max(len(n) for _, n in rows) + 4
+    keys = list(estimates)
+    lines = [f"{'GiB per GPU':<{width}}" + "".join(f"{k:>11}" for k in keys)]
+    current = None
+    for section, name in rows:
+        if section != current:
+            lines.append(f"[{section}]")
+            current = section
+        cells = []
+        for k in keys:
+            value = getattr(estimates[k], section).get(name)
+            cells.append(f"{value / GiB:>11.2f}" if value is not None else f"{'-':>11}")
+        lines.append(f"  {name:<{width - 2}}" + "".join(cells))
+    for label, fn in (("persistent total", lambda e: sum(e.persistent.values())),
+                      ("training phase", lambda e: sum(e.training.values())),
+                      ("generation phase", lambda e: sum(e.generation.values())),
+                      ("PEAK = persistent + max(phases)", lambda e: e.peak)):
+        lines.append(f"{label:<{width}}" + "".join(f"{fn(estimates[k]) / GiB:>11.2f}" for k in keys))
+    verdicts: dict[str, dict[str, bool]] = {}
+    for gpu, gib in GPU_GIB.items():
+        cells = []
+        for k in keys:
+            ok = fits(estimates[k].peak, gpu)
+            verdicts.setdefault(k, {})[gpu] = ok
+            cells.append(f"{'fits' if ok else 'NO':>11}")
+        lines.append(f"{f'fits 8 x {gpu} ({gib * (1 - HEADROOM):.0f} GiB usable)':<{width}}" + "".join(cells))
+    lines.append("[not added: a plain forward's fp32 logits, for comparison]")
+    for name in ("naive logits B x S x V x 4", "naive logits, completion only"):
+        cells = [f"{estimates[k].info[name] / GiB:>11.2f}" if name in estimates[k].info else f"{'-':>11}"
+                 for k in keys]
+        lines.append(f"  {name:<{width - 2}}" + "".join(cells))
+    data = {k: {"persistent": e.persistent, "training": e.training, "generation": e.generation, "info": e.info,
+                "peak_gib": e.peak / GiB, "fits": verdicts[k]} for k, e in estimates.items()}
+    return "\n".join(lines), data
+
+
+def variants(shape: Shape, r: Recipe) -> tuple[str, dict]:
+    """What breaks the fit: one recipe setting with one choice changed at a time."""
+    chosen = settings(r)
+    base = chosen["rl/full"]
+    doubled = dataclasses.replace(base.batch, sequences=2 * base.batch.sequences)
+    cases = {
+        "recipe (rl/full)": base,
+        "rl/full, no checkpointing": dataclasses.replace(base, gradient_checkpointing=False),
+        "rl/full, full logits": dataclasses.replace(base, fused_head=False),
+        f"rl/full, {2 * r.images_per_device} images/device": dataclasses.replace(base, batch=doubled),
+        "rl/lora, no checkpointing": dataclasses.replace(chosen["rl/lora"], gradient_checkpointing=False),
+        "sft/full, no checkpointing": dataclasses.replace(chosen["sft/full"], gradient_checkpointing=False),
+        "sft/full, full logits": dataclasses.replace(chosen["sft/full"], fused_head=False),
+    }
+    lines = [f"{'variant':<30}{'peak GiB':>10}" + "".join(f"{gpu:>8}" for gpu in GPU_GIB)
+             + "   if not: the most images/device that fit (80GB, 141GB)"]
+    data = {}
+    for name, st in cases.items():
+        peak = estimate(shape, st).peak
+        data[name] = {"peak_gib": peak / GiB, "fits": {gpu: fits(peak, gpu) for gpu in GPU_GIB}}
+        line = f"{name:<30}{peak / GiB:>10.1f}" + "".join(f"{'fits' if ok else 'NO':>8}"
+                                                          for ok in data[name]["fits"].values())
+        if not all(data[name]["fits"].values()):
+            data[name]["images_that_fit"] = {gpu: images_that_fit(shape, st, gpu) for gpu in GPU_GIB}
+            line += "   " + ", ".join(str(n) for n in data[name]["images_that_fit"].values())
+        lines.append(line)
+    return "\n".join(lines), data
+
+
+def report(shape: Shape = QWEN25_VL_7B, recipe: Recipe = Recipe()) -> tuple[str, dict]:
+    """The memory model's text (the table, the variants, the remedies when something does not fit) and data."""
+    counts = param_counts(shape)
+    per_micro = recipe.images_per_device * recipe.generations
+    head = (f"Qwen2.5-VL-7B: {counts['total'] / 1e9:.3f}B parameters (text {counts['text'] / 1e9:.3f}B, vision "
+            f"{counts['vision'] / 1e9:.3f}B); LoRA r={recipe.lora_r}: {lora_params(shape, recipe.lora_r) / 1e6:.1f}M; "
+            f"ZeRO-3 over {recipe.gpus} GPUs.\nPer sequence {recipe.visual_tokens} visual + "
+            f"{recipe.prompt_text_tokens} prompt + {recipe.completion_tokens} completion tokens; SFT batch "
+            f"{recipe.sft_batch}/GPU; RL {recipe.images_per_device} images x K={recipe.generations} = {per_micro} "
+            f"sequences/GPU per micro-batch, {per_micro * recipe.grad_accum} generated at once (trl's "
+            f"steps_per_generation = grad_accum {recipe.grad_accum}); evaluation sampling batch {recipe.eval_batch}.")
+    text, data = table(shape, settings(recipe))
+    vtext, vdata = variants(shape, recipe)
+    failing = [k for k, v in data.items() if not all(v["fits"].values())]
+    failing += [k for k, v in vdata.items() if not all(v["fits"].values())]
+    lines = [head, "", text, "", "One change at a time:", vtext]
+    if failing:
+        lines += ["", "Does not fit everywhere: " + "; ".join(failing) + ". What to change:",
+                  *[f"  - {remedy}" for remedy in REMEDIES]]
+    return "\n".join(lines), {"parameters": counts, "lora_parameters": lora_params(shape, recipe.lora_r),
+                              "recipe": dataclasses.asdict(recipe), "settings": data, "variants": vdata}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gpus", type=int, default=8)
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON too")
+    args = parser.parse_args()
+    text, data = report(recipe=Recipe(gpus=args.gpus))
+    print(text)
+    if args.json:
+        print(json.dumps(data, indent=1, default=float))
+
+
+if __name__ == "__main__":
+    main()
