@@ -10,11 +10,12 @@ How a peak is assembled (all in bytes per GPU):
 
 - persistent: the ZeRO-3 partitions (weights, gradients, fp32 master, Adam moments, the
   reference model) divided over the GPUs, plus the CUDA context;
-- training phase: ZeRO-3's gathered working set, the checkpointed layer inputs (one hidden
-  vector per token per layer), one layer's full activations recomputed in the backward, the
-  backward's gradient buffers, the fused LM head (trl's chunked log-prob kernel: no full
-  logits), the frozen vision tower's forward transient, the batch's inputs; summed as if all
-  were alive at once (an upper bound: the vision transient is over before the backward starts);
+- training phase: what the backward holds throughout (ZeRO-3's gathered working set and reduce
+  buckets, the checkpointed layer inputs: one hidden vector per token per layer, the vision
+  tower's, the merger's and the LM head's saved tensors, the batch's inputs), plus the largest
+  of the transients that come one after another (the LM head's backward: trl's chunked log-prob
+  kernel, no full logits; one layer recomputed with its gradient buffers; one vision block
+  likewise; the frozen vision tower's forward);
 - generation phase (RL only): trl gathers the whole bf16 model on every GPU for
   ``generate`` (``ds3_gather_for_generation``), plus the KV cache of the generation batch and
   the prefill's transient;
@@ -68,6 +69,10 @@ TRL_VOCAB_TILE = 32768  # trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE: vocabul
 HEAD_SAVED_PER_TOKEN = 16  # fp32 log_z and entropy, int64 target, per scored token
 HEAD_GRAD_HIDDEN_BYTES = 4  # the backward accumulates the hidden states' gradient in fp32
 HEAD_WEIGHT_GRAD_BYTES = 4 + 2  # full mode: the lm_head gradient in fp32, then its bf16 cast (gathered, whole)
+# trl's torch fallback where Triton is missing (this CPU): every position is scored, not only the completion's, and
+# the backward holds fp32 tile-sized temporaries (y, z, log_p, p, grad, the target mask as float, a product):
+# measured 7-9 (with the entropy's gradient) by projecting 3664 x 3584 hidden states on 152,064 rows
+TRL_TORCH_TILE_FP32_COPIES = 7
 NAIVE_LOGIT_BYTES = 4  # a plain forward's fp32 logits for the loss: batch x sequence x vocabulary x 4
 NAIVE_LOGIT_COPIES = 3  # fp32 logit-sized tensors alive in a plain loss's backward: log-softmax out, its grad, logits'
 
@@ -235,6 +240,7 @@ class Setting:
     vision_graph: bool = VISION_GRAPH
     expanded_kv: bool = EXPANDED_KV_7B
     fused_head: bool = True  # trl's fused LM head (this environment's trl): log-probs in tiles, no full logits
+    head_triton: bool = True  # a GPU: trl's Triton kernel scores the completion only, no fp32 tile temporaries
     gather_for_generation: bool = True  # trl's ds3_gather_for_generation
     cuda_context_gib: float = CUDA_CONTEXT_GIB
 
@@ -242,13 +248,18 @@ class Setting:
 @dataclass
 class Estimate:
     persistent: dict[str, float] = field(default_factory=dict)
-    training: dict[str, float] = field(default_factory=dict)
+    held: dict[str, float] = field(default_factory=dict)  # training: alive through the whole backward
+    transient: dict[str, float] = field(default_factory=dict)  # training: one after another, the largest counts
     generation: dict[str, float] = field(default_factory=dict)
     info: dict[str, float] = field(default_factory=dict)  # not added to the peak: references and per-unit figures
 
     @property
+    def training(self) -> float:
+        return sum(self.held.values()) + max(self.transient.values(), default=0.0) if self.held else 0.0
+
+    @property
     def peak(self) -> float:
-        return sum(self.persistent.values()) + max(sum(self.training.values()), sum(self.generation.values()))
+        return sum(self.persistent.values()) + max(self.training, sum(self.generation.values()))
 
 
 def estimate(s: Shape, st: Setting) -> Estimate:
@@ -275,43 +286,47 @@ def estimate(s: Shape, st: Setting) -> Estimate:
     images = b.images if b.images is not None else b.sequences  # trl repeats each image's pixels per completion
     patches = b.visual_tokens * s.merge**2  # 2 x 2 patches merge into one visual token
     if st.stage != "eval":
-        t = e.training
+        h, x = e.held, e.transient
         if st.zero3:
             gathered = max(counts["embed"], counts["lm_head"]) + text_layer_params(s) + PREFETCH_BUCKET * s.hidden**2
-            t["ZeRO-3 gathered params"] = gathered * TRAIN_WEIGHT_BYTES
-            t["ZeRO-3 reduce buckets"] = REDUCE_BUCKET * s.hidden**2 * 2 * REDUCE_BUCKET_COPIES
-            if st.mode == "full":
-                t["ZeRO-3 gathered layer grads"] = text_layer_params(s) * TRAIN_WEIGHT_BYTES
+            h["ZeRO-3 gathered params"] = gathered * TRAIN_WEIGHT_BYTES
+            h["ZeRO-3 reduce buckets"] = REDUCE_BUCKET * s.hidden**2 * 2 * REDUCE_BUCKET_COPIES
         per_layer = layer_activation_bytes(s, c, st.mode == "lora", st.lora_copy_bytes, st.lora_mask_bytes,
                                            st.expanded_kv)
+        layer_grads = text_layer_params(s) * TRAIN_WEIGHT_BYTES if st.mode == "full" and st.zero3 else 0
         if st.gradient_checkpointing:
-            t["checkpointed layer inputs"] = s.layers * b.tokens * s.hidden * c * CHECKPOINT_INPUT_COPIES
-            t["one layer recomputed"] = b.tokens * per_layer
+            h["checkpointed layer inputs"] = s.layers * b.tokens * s.hidden * c * CHECKPOINT_INPUT_COPIES
+            x["one layer: recomputed + grads"] = b.tokens * (per_layer + backward_transient_bytes(s, c)) + layer_grads
         else:
-            t["all layers' activations"] = s.layers * b.tokens * per_layer
-        t["backward grad buffers"] = b.tokens * backward_transient_bytes(s, c)
+            h["all layers' activations"] = s.layers * b.tokens * per_layer
+            x["one layer: grads"] = b.tokens * backward_transient_bytes(s, c) + layer_grads
         scored = b.scored_tokens
         final_norm = b.tokens * (NORM_INPUT_BYTES * s.hidden + (c * s.hidden if st.mode == "full" else 0))
+        head_weight_grad = counts["lm_head"] * HEAD_WEIGHT_GRAD_BYTES if st.mode == "full" else 0
         if st.fused_head:
-            t["LM head (trl fused tiles)"] = (
-                final_norm + scored * (c * s.hidden + HEAD_SAVED_PER_TOKEN + HEAD_GRAD_HIDDEN_BYTES * s.hidden)
-                + min(scored, TRL_TOKEN_TILE) * min(s.vocab, TRL_VOCAB_TILE) * c)
+            rows = scored if st.head_triton else b.sequences * (b.tokens_per_sequence - 1)
+            tile = min(rows, TRL_TOKEN_TILE) * min(s.vocab, TRL_VOCAB_TILE)
+            h["LM head: saved (trl fused)"] = final_norm + rows * (c * s.hidden + HEAD_SAVED_PER_TOKEN)
+            x["LM head: backward tiles"] = (tile * (c + (0 if st.head_triton else 4 * TRL_TORCH_TILE_FP32_COPIES))
+                                            + rows * HEAD_GRAD_HIDDEN_BYTES * s.hidden + head_weight_grad)
         else:  # transformers' loss: every position's logits (SFT); trl's logits_to_keep: the completion's (RL)
             positions = b.tokens if st.stage == "sft" else scored
-            t["full logits (fp32, loss + backward)"] = (positions * s.vocab * NAIVE_LOGIT_BYTES * NAIVE_LOGIT_COPIES
-                                                       + positions * s.vocab * c + final_norm)
-        if st.mode == "full":
-            t["lm_head gradient (gathered)"] = counts["lm_head"] * HEAD_WEIGHT_GRAD_BYTES
+            logits = positions * s.vocab
+            h["LM head: full logits (bf16 + fp32 log-softmax)"] = logits * (c + NAIVE_LOGIT_BYTES) + final_norm
+            x["LM head: logits' gradients (fp32)"] = (logits * NAIVE_LOGIT_BYTES * (NAIVE_LOGIT_COPIES - 1)
+                                                      + head_weight_grad)
         if st.vision_graph:
             block = vision_block_activation_bytes(s, c)
+            grads = images * patches * c * (BACKWARD_INTERMEDIATE_TENSORS * s.vision_intermediate
+                                             + BACKWARD_HIDDEN_TENSORS * s.vision_hidden)
             if st.gradient_checkpointing:
-                t["vision: checkpointed block inputs"] = s.vision_depth * images * patches * s.vision_hidden * c
-                t["vision: one block recomputed"] = images * patches * block
+                h["vision: checkpointed block inputs"] = s.vision_depth * images * patches * s.vision_hidden * c
+                x["vision: one block recomputed + grads"] = images * patches * block + grads
             else:
-                t["vision: all blocks' activations"] = s.vision_depth * images * patches * block
-            t["vision: merger + rotary"] = images * patches * merger_activation_bytes(s, c)
-        t["vision forward transient"] = images * patches * vision_transient_bytes(s, c)
-        t["inputs (pixel_values fp32, ids)"] = images * patches * 3 * s.temporal * s.patch**2 * 4 + b.tokens * 8 * 3
+                h["vision: all blocks' activations"] = s.vision_depth * images * patches * block
+            h["vision: merger + rotary"] = images * patches * merger_activation_bytes(s, c)
+        x["vision: forward transient"] = images * patches * vision_transient_bytes(s, c)
+        h["inputs (pixel_values fp32, ids)"] = images * patches * 3 * s.temporal * s.patch**2 * 4 + b.tokens * 8 * 3
         e.info["naive logits B x S x V x 4"] = b.sequences * b.tokens_per_sequence * s.vocab * NAIVE_LOGIT_BYTES
         e.info["naive logits, completion only"] = scored * s.vocab * NAIVE_LOGIT_BYTES
         e.info["activation bytes per token per layer"] = per_layer
@@ -402,7 +417,7 @@ def table(shape: Shape, chosen: dict[str, Setting]) -> tuple[str, dict]:
     """The component x setting table in GiB, the peaks and the verdicts, and the same as a dict."""
     estimates = {k: estimate(shape, v) for k, v in chosen.items()}
     rows: list[tuple[str, str]] = []  # (section, component)
-    for section in ("persistent", "training", "generation"):
+    for section in ("persistent", "held", "transient", "generation"):
         for e in estimates.values():
             for name in getattr(e, section):
                 if (section, name) not in rows:
@@ -411,9 +426,12 @@ def table(shape: Shape, chosen: dict[str, Setting]) -> tuple[str, dict]:
     keys = list(estimates)
     lines = [f"{'GiB per GPU':<{width}}" + "".join(f"{k:>11}" for k in keys)]
     current = None
+    titles = {"persistent": "[persistent: ZeRO-3 partitions]", "held": "[training: held through the backward]",
+              "transient": "[training: transients, one at a time: the largest counts]",
+              "generation": "[generation (RL: trl + transformers' generate; eval: sample)]"}
     for section, name in rows:
         if section != current:
-            lines.append(f"[{section}]")
+            lines.append(titles[section])
             current = section
         cells = []
         for k in keys:
@@ -421,7 +439,7 @@ def table(shape: Shape, chosen: dict[str, Setting]) -> tuple[str, dict]:
             cells.append(f"{value / GiB:>11.2f}" if value is not None else f"{'-':>11}")
         lines.append(f"  {name:<{width - 2}}" + "".join(cells))
     for label, fn in (("persistent total", lambda e: sum(e.persistent.values())),
-                      ("training phase", lambda e: sum(e.training.values())),
+                      ("training phase = held + max(transients)", lambda e: e.training),
                       ("generation phase", lambda e: sum(e.generation.values())),
                       ("PEAK = persistent + max(phases)", lambda e: e.peak)):
         lines.append(f"{label:<{width}}" + "".join(f"{fn(estimates[k]) / GiB:>11.2f}" for k in keys))
@@ -438,8 +456,9 @@ def table(shape: Shape, chosen: dict[str, Setting]) -> tuple[str, dict]:
         cells = [f"{estimates[k].info[name] / GiB:>11.2f}" if name in estimates[k].info else f"{'-':>11}"
                  for k in keys]
         lines.append(f"  {name:<{width - 2}}" + "".join(cells))
-    data = {k: {"persistent": e.persistent, "training": e.training, "generation": e.generation, "info": e.info,
-                "peak_gib": e.peak / GiB, "fits": verdicts[k]} for k, e in estimates.items()}
+    data = {k: {"persistent": e.persistent, "training_held": e.held, "training_transient": e.transient,
+                "generation": e.generation, "info": e.info, "peak_gib": e.peak / GiB, "fits": verdicts[k]}
+            for k, e in estimates.items()}
     return "\n".join(lines), data
 
 

@@ -98,6 +98,22 @@ class PeakMemory:
         self.peak = max(self.peak, self.process.memory_info().rss)
 
 
+@contextlib.contextmanager
+def machine(into: dict, name: str):
+    """Record a phase's wall time, this process's CPU seconds over it and the load average at its end: a quiet
+    machine gives compute-bound phases close to 2 CPU-seconds per second on 2 cores (load ~2, all ours)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = usage.ru_utime + usage.ru_stime
+    start = time.perf_counter()
+    yield
+    wall = time.perf_counter() - start
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    into[name] = {"wall_s": wall, "cpu_per_wall": (usage.ru_utime + usage.ru_stime - cpu) / wall,
+                  "load_end": os.getloadavg()[0]}
+    print(f"  [{name}: {wall:.0f} s wall, {into[name]['cpu_per_wall']:.2f} CPU-s/s ours, load "
+          f"{into[name]['load_end']:.2f} at its end]", flush=True)
+
+
 def rss() -> int:
     import psutil
 
@@ -509,7 +525,8 @@ def sample_phase(model, processor, photo: str, tokens: int) -> dict:
 def reduced_estimates(shape: mm.Shape, args, tokens: dict, compute_bytes: int) -> dict[str, mm.Estimate]:
     """The memory model for this reduced model on this CPU: one process, no ZeRO, no CUDA context."""
     cpu = dict(gpus=1, zero3=False, compute_bytes=compute_bytes, lora_copy_bytes=mm.LORA_COPY_BYTES_CPU,
-               lora_mask_bytes=mm.LORA_MASK_BYTES_CPU, expanded_kv=False, cuda_context_gib=0.0, lora_r=16)
+               lora_mask_bytes=mm.LORA_MASK_BYTES_CPU, expanded_kv=False, cuda_context_gib=0.0, lora_r=16,
+               head_triton=False)
     return {
         "probe": mm.estimate(shape, mm.Setting("sft", "lora", mm.Batch(1, **tokens), gradient_checkpointing=False,
                                                fused_head=False, **cpu)),
@@ -594,21 +611,25 @@ def main() -> None:
         if "probe" in phases:
             for mode, key, what in (("lora", "probe", "forward + backward"), ("full", "probe_full", "forward")):
                 print(f"probe: plain {what}, {mode}, saved tensors counted ...", flush=True)
-                results[key] = probe(model, processor, photos[0], trajectory, mode)
+                with machine(results.setdefault("machine", {}), key):
+                    results[key] = probe(model, processor, photos[0], trajectory, mode)
                 print(f"  {results[key]['seconds']:.1f} s; saved: " + ", ".join(
                     f"{k} {v / MiB:.0f} MiB" for k, v in results[key]["saved_bytes"].items()), flush=True)
         if "sft" in phases:
             print(f"sft: aesr1.policy.train.fit, LoRA, {args.steps} steps x {args.sft_batch} ...", flush=True)
-            results["sft"] = sft(model, processor, photos, trajectory, args.steps, args.sft_batch,
-                                 recipe.sft_checkpointing)
+            with machine(results.setdefault("machine", {}), "sft"):
+                results["sft"] = sft(model, processor, photos, trajectory, args.steps, args.sft_batch,
+                                     recipe.sft_checkpointing)
         if "rl" in phases:
             print(f"rl: aesr1.rl.rl.build_trainer (GRPO), LoRA, {args.rl_steps} step(s) x {args.rl_images} image(s) x "
                   f"K={args.k} x {args.completion_tokens} tokens ...", flush=True)
-            results["rl"] = rl(model, processor, photos, args.rl_steps, args.rl_images, args.k,
-                               args.completion_tokens, recipe.beta, recipe.rl_checkpointing, special)
+            with machine(results.setdefault("machine", {}), "rl"):
+                results["rl"] = rl(model, processor, photos, args.rl_steps, args.rl_images, args.k,
+                                   args.completion_tokens, recipe.beta, recipe.rl_checkpointing, special)
         if "sample" in phases:
             print(f"sample: aesr1.policy.generation.sample, 1 x {args.completion_tokens} tokens ...", flush=True)
-            results["sample"] = sample_phase(model, processor, photos[0], args.completion_tokens)
+            with machine(results.setdefault("machine", {}), "sample"):
+                results["sample"] = sample_phase(model, processor, photos[0], args.completion_tokens)
     results["ru_maxrss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     results["wall_s"] = time.perf_counter() - wall
     results["load_after"] = os.getloadavg()
@@ -622,8 +643,9 @@ def main() -> None:
     print("Memory model of the full 7B recipe per GPU (benchmarks/memory_model.py):")
     print(text)
     results["memory_model_7b"] = data
-    results["memory_model_reduced"] = {k: {"peak_above_weights": above_weights(e), "training": e.training,
-                                           "generation": e.generation, "info": e.info} for k, e in estimates.items()}
+    results["memory_model_reduced"] = {k: {"peak_above_weights": above_weights(e), "training_held": e.held,
+                                           "training_transient": e.transient, "generation": e.generation,
+                                           "info": e.info} for k, e in estimates.items()}
     print(f"\nwall time {results['wall_s']:.0f} s; load average after {results['load_after'][0]:.2f}")
     if args.json:
         print(json.dumps(results, indent=1, default=float))
@@ -691,6 +713,9 @@ def measured_table(r: dict, est: dict[str, mm.Estimate], shape: mm.Shape, c: int
                  ("sample: peak RSS above start", f"{m['peak_above_start'] / gib:.2f} GiB",
                   f"{above_weights(est['sample']) / gib:.2f} GiB")]
     rows += [("peak RSS of the process (ru_maxrss)", f"{r['ru_maxrss'] / gib:.2f} GiB", "")]
+    for name, m in r.get("machine", {}).items():
+        rows.append((f"machine during {name}", f"{m['cpu_per_wall']:.2f} CPU-s/s",
+                     f"ours of 2 cores; load {m['load_end']:.2f} at its end; {m['wall_s']:.0f} s"))
     width = max(len(a) for a, _, _ in rows) + 2
     lines = [f"{'measured on this CPU':<{width}}{'measured':>22}   memory model (this reduced model, CPU)"]
     lines += [f"{a:<{width}}{b:>22}   {m}" for a, b, m in rows]
