@@ -52,6 +52,7 @@ class PeakMemory:
     def __exit__(self, *exc):
         self.running = False
         self.thread.join()
+        self.peak = max(self.peak, self.process.memory_info().rss)
         self.above_mb = (self.peak - self.start) / 2**20
 
 

@@ -50,7 +50,6 @@ import os
 import resource
 import sys
 import tempfile
-import threading
 import time
 import warnings
 from importlib import resources
@@ -64,6 +63,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import memory_model as mm  # noqa: E402
+from generation_memory import PeakMemory  # noqa: E402  (one peak-RSS sampler for the benchmarks)
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "configs" / "recipes" / "qwen2.5-vl-7b.yaml"
@@ -72,30 +72,6 @@ PHOTO = (640, 480)  # width x height: 315 visual tokens under max_pixels 262,144
 MIN_PIXELS, MAX_PIXELS = 3136, 262_144  # the recipe's backbone budget
 PROMPT_TOKENS = 90  # what Qwen's own tokenizer makes of the policy prompt's text (besides the visual tokens)
 MiB = 2**20
-
-
-class PeakMemory:
-    """The highest resident size of this process while the ``with`` block runs (sampled every 5 ms)."""
-
-    def __enter__(self):
-        import psutil
-
-        self.process = psutil.Process()
-        self.start = self.peak = self.process.memory_info().rss
-        self.running = True
-        self.thread = threading.Thread(target=self._watch, daemon=True)
-        self.thread.start()
-        return self
-
-    def _watch(self):
-        while self.running:
-            self.peak = max(self.peak, self.process.memory_info().rss)
-            time.sleep(0.005)
-
-    def __exit__(self, *exc):
-        self.running = False
-        self.thread.join()
-        self.peak = max(self.peak, self.process.memory_info().rss)
 
 
 @contextlib.contextmanager
