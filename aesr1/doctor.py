@@ -386,9 +386,33 @@ def check_deepspeed(ctx: Context) -> tuple[bool | None, str]:
     if not reasons:
         raise Skip("not used (neither the launcher nor a trl option names DeepSpeed)")
     ok, what = import_probe("deepspeed")
-    if ok:
-        return True, f"deepspeed {what}, used by {'; '.join(reasons)}"
-    return False, f"deepspeed {what}; needed by {'; '.join(reasons)}: pip install deepspeed (for this torch build)"
+    if not ok:
+        return False, f"deepspeed {what}; needed by {'; '.join(reasons)}: pip install deepspeed (for this torch build)"
+    refused = deepspeed_refusals(ctx)
+    if refused:
+        return False, f"deepspeed {what}, used by {'; '.join(reasons)}, but " + "; ".join(refused)
+    return True, f"deepspeed {what}, used by {'; '.join(reasons)}; the stages' trl configs pass DeepSpeed's checks"
+
+
+def deepspeed_refusals(ctx: Context) -> list[str]:
+    """What the sft and rl stages would refuse in their trl configs (DeepSpeed options, batch mismatches),
+    found by the stages' own builders before any model loads."""
+    from aesr1.config import load_section
+    from aesr1.policy.sft import SFTStageConfig
+    from aesr1.policy.train import sft_config
+    from aesr1.rl.rl import RLStageConfig, grpo_config
+
+    refused = []
+    with tempfile.TemporaryDirectory(prefix="aesr1-doctor-") as scratch:
+        for section, cls, build in (("sft", SFTStageConfig, lambda c: sft_config(c.train, Path(scratch))),
+                                    ("rl", RLStageConfig, lambda c: grpo_config(c, Path(scratch), [], []))):
+            try:
+                cfg = load_section(ctx.params_path, section, cls)
+                with contextlib.chdir(ctx.root):  # the stages' paths are relative to the project root
+                    build(cfg)
+            except AesError as err:
+                refused.append(str(err))
+    return refused
 
 
 def check_flash_attn(ctx: Context) -> tuple[bool | None, str]:

@@ -58,10 +58,6 @@ EXPANDED_KV_7B = True  # padded batches pass a mask, so transformers' sdpa repea
 CHECKPOINT_INPUT_COPIES = 1  # gradient checkpointing keeps each layer's input (one hidden vector per token) only
 BACKWARD_INTERMEDIATE_TENSORS = 3  # MLP backward: grads of the down_proj input, SiLU output and up output at once
 BACKWARD_HIDDEN_TENSORS = 4  # hidden-width grads at once: residual stream, layer output, the norm's fp32 pair
-# transformers 5's gradient checkpointing calls enable_input_require_grads, which hooks every sub-model's input
-# embeddings, the vision tower's patch_embed too: the frozen tower then records a graph and is back-propagated
-# (for no parameter gradient), its blocks checkpointed like the text layers. Measured by real_shape.py's probe.
-VISION_GRAPH = True
 
 # ---------------------------------------------------------------- the LM head (trl's fused chunked log-prob kernel)
 TRL_TOKEN_TILE = 4096  # trl.kernels.chunked_logprob.TOKEN_CHUNK_SIZE: tokens per projection tile
@@ -237,7 +233,6 @@ class Setting:
     compute_bytes: int = 2  # bf16
     lora_copy_bytes: int = LORA_COPY_BYTES_GPU
     lora_mask_bytes: int = LORA_MASK_BYTES_GPU
-    vision_graph: bool = VISION_GRAPH
     expanded_kv: bool = EXPANDED_KV_7B
     fused_head: bool = True  # trl's fused LM head (this environment's trl): log-probs in tiles, no full logits
     head_triton: bool = True  # a GPU: trl's Triton kernel scores the completion only, no fp32 tile temporaries
@@ -315,7 +310,7 @@ def estimate(s: Shape, st: Setting) -> Estimate:
             h["LM head: full logits (bf16 + fp32 log-softmax)"] = logits * (c + NAIVE_LOGIT_BYTES) + final_norm
             x["LM head: logits' gradients (fp32)"] = (logits * NAIVE_LOGIT_BYTES * (NAIVE_LOGIT_COPIES - 1)
                                                       + head_weight_grad)
-        if st.vision_graph:
+        if not st.freeze_vision:  # a frozen tower runs without autograd (aesr1.policy.trainer.freeze_vision)
             block = vision_block_activation_bytes(s, c)
             grads = images * patches * c * (BACKWARD_INTERMEDIATE_TENSORS * s.vision_intermediate
                                              + BACKWARD_HIDDEN_TENSORS * s.vision_hidden)

@@ -62,7 +62,7 @@ class StepTimer(TrainerCallback):
             out = generate(*args, **kwargs)
             synchronize()
             self._generating += time.perf_counter() - start
-            self._tokens += sum(len(ids) for ids in out[0])  # (completion_ids up to EOS, logprobs)
+            self._tokens += sum(len(ids) for ids in out[1])  # trl 1.16: (prompt_ids, completion_ids, ...)
             return out
 
         trainer._generate = timed

@@ -267,6 +267,20 @@ def test_a_missing_deepspeed_config_fails_the_deepspeed_check(tmp_path):
     assert result.ok is False and "configs/deepspeed/absent.json not found" in result.detail
 
 
+def test_the_deepspeed_check_runs_the_stages_own_checks_of_their_trl_configs(tmp_path):
+    """The recipe's ZeRO-3 file passes; an option DeepSpeed refuses fails the check with the stage's message
+    (the same words `dvc repro` would stop with, before the model loads)."""
+    pytest.importorskip("deepspeed")
+    zero3 = {"sft.train.trl": {"deepspeed": "configs/deepspeed/zero3.json"},
+             "rl.grpo.trl": {"deepspeed": "configs/deepspeed/zero3.json"}}
+    passed = check("deepspeed", project(tmp_path, recipe="custom", **zero3))
+    assert passed.ok is True and "pass DeepSpeed's checks" in passed.detail
+    refused = {"zero_optimization": {"stage": 3, "offload_param": {"device": "gpu"}}}
+    failed = check("deepspeed", project(tmp_path, recipe="custom", **{"rl.grpo.trl": {"deepspeed": refused}}))
+    assert failed.ok is False and "rl.grpo.trl.deepspeed (the mapping given): DeepSpeed refuses" in failed.detail
+    assert "offload_param.device" in failed.detail and "sft.train" not in failed.detail
+
+
 def test_qwen_parameter_formula_matches_the_built_model():
     s = doctor.QWEN25_VL_3B
     assert doctor.qwen25vl_parameters(s.vocab_size, s.hidden_size, s.intermediate_size, s.layers, s.heads,

@@ -134,6 +134,33 @@ def test_sft_lowers_the_loss_and_writes_a_loadable_model(tmp_path, tiny_backbone
     assert len(out.texts) == 4 and out.tokens > 0
 
 
+def test_a_deepspeed_config_deepspeed_refuses_stops_sft_before_the_model_loads(tmp_path):
+    from aesr1.config import ParamsError
+
+    zero = {"stage": 3, "offload_optimizer": {"device": "disk"}}  # not a device DeepSpeed has
+    cfg = TrainConfig(batch_size=4, trl={"deepspeed": {"zero_optimization": zero}})
+    with pytest.raises(ParamsError, match=r"sft.train.trl.deepspeed \(the mapping given\): DeepSpeed refuses this "
+                                          r"config:\n  DeepSpeedZeroConfig: offload_optimizer.device: Input should be"):
+        fit(str(tmp_path / "no-model-here"), None, None, cfg, tmp_path / "ck")  # a ParamsError, not an OSError
+
+
+def test_the_frozen_vision_tower_is_not_back_propagated_under_checkpointing_and_lora(tmp_path, tiny_backbone,
+                                                                                      trajectories):
+    """Gradient checkpointing with LoRA makes transformers hook every sub-model's input embeddings, the vision
+    tower's patch embedding included; frozen, the tower still must not enter the backward graph."""
+    folder, _ = tiny_backbone
+    model, processor = load_policy(str(folder), training="lora")
+    outputs = []
+    model.model.visual.register_forward_hook(lambda module, args, out: outputs.append(out.pooler_output))
+    cfg = TrainConfig(mode="lora", epochs=1, learning_rate=5e-3, batch_size=4, freeze_vision=True, lora_r=8,
+                      gradient_checkpointing=True, logging_steps=1, save_steps=1000)
+    trainer = fit(model, processor, sft_dataset(trajectories, "trajectory"), cfg, tmp_path / "ck")
+    assert model.model.visual.patch_embed._forward_hooks, "transformers no longer hooks the patch embedding"
+    assert len(outputs) == 3 and not any(out.requires_grad for out in outputs)
+    adapters = {n: p for n, p in trainer.model.named_parameters() if "lora_B" in n}
+    assert adapters and all(p.abs().sum() > 0 for p in adapters.values())  # lora_B starts at 0: it learned
+
+
 def test_lora_sft_on_two_processes_saves_one_merged_model(tmp_path, tiny_backbone, trajectories):
     """torchrun, 2 processes (gloo): each trains on half the batches; the adapter is saved and merged once."""
     folder, _ = tiny_backbone

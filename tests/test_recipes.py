@@ -11,7 +11,7 @@ from aesr1.config import ParamsError, load_section
 from aesr1.errors import AesError
 from aesr1.policy.sft import SFTStageConfig
 from aesr1.policy.trainer import trl_arguments
-from aesr1.rl.rl import RLStageConfig, grpo_config
+from aesr1.rl.rl import GRPOParams, RLStageConfig, grpo_config
 
 
 @pytest.fixture
@@ -62,12 +62,23 @@ def test_trl_options_pass_through_by_trls_own_names():
     from trl import GRPOConfig
 
     owned = {"learning_rate": 1e-6}
-    assert trl_arguments(GRPOConfig, owned, {"vllm_gpu_memory_utilization": 0.3}) == {
+    assert trl_arguments(GRPOConfig, owned, {"vllm_gpu_memory_utilization": 0.3}, "rl.grpo") == {
         "learning_rate": 1e-6, "vllm_gpu_memory_utilization": 0.3}
-    with pytest.raises(AesError, match="did you mean 'vllm_gpu_memory_utilization'"):
-        trl_arguments(GRPOConfig, owned, {"vllm_gpu_memory_utilisation": 0.3})
+    with pytest.raises(AesError, match="rl.grpo.trl: GRPOConfig has no .*did you mean 'vllm_gpu_memory_utilization'"):
+        trl_arguments(GRPOConfig, owned, {"vllm_gpu_memory_utilisation": 0.3}, "rl.grpo")
     with pytest.raises(AesError, match="set by this project"):
-        trl_arguments(GRPOConfig, owned, {"learning_rate": 1e-5})
+        trl_arguments(GRPOConfig, owned, {"learning_rate": 1e-5}, "rl.grpo")
+
+
+def test_the_recipes_deepspeed_config_passes_deepspeeds_own_checks(tmp_path):
+    """configs/deepspeed/zero3.json under the 7B recipe's SFT and RL settings: transformers' comparison with
+    trl's values and DeepSpeed's own parser both accept it (a refused option would stop the stage)."""
+    recipe = yaml.safe_load((REPO / "configs/recipes/qwen2.5-vl-7b.yaml").read_text())
+    assert recipe["rl"]["grpo"]["trl"]["deepspeed"] == recipe["sft"]["train"]["trl"]["deepspeed"]
+    rl = RLStageConfig(grpo=GRPOParams(**{k: v for k, v in recipe["rl"]["grpo"].items() if k != "trl"},
+                                       trl={"deepspeed": str(REPO / recipe["rl"]["grpo"]["trl"]["deepspeed"])}))
+    args = grpo_config(rl, tmp_path / "ck", [1.0], [])
+    assert args.hf_deepspeed_config.is_zero3() and args.hf_deepspeed_config.mismatches == []
 
 
 def test_one_rollout_temperature_reaches_the_rollouts_and_every_probe(params, tmp_path):

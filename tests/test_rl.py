@@ -223,6 +223,17 @@ def test_band_balanced_rl_prompts_take_the_rarest_bands_count_of_each(tmp_path):
     (dict(images_per_device=2, num_generations=4, trl={"generation_batch_size": 6}),
      r"rl.grpo: trl refuses these settings: generation_batch_size \(6\) must be divisible"),
     (dict(use_vllm=True), "rl.grpo.trl.vllm_max_model_length is not set"),
+    (dict(trl={"deepspeed": {"zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_saves": True}}}),
+     r"rl.grpo.trl.deepspeed \(the mapping given\): DeepSpeed refuses this config:\n  DeepSpeedZeroConfig: "
+     r"stage3_gather_16bit_weights_on_model_saves: Extra inputs are not permitted"),
+    (dict(images_per_device=2, num_generations=4,
+          trl={"deepspeed": {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 4}}),
+     r"(?s)train_micro_batch_size_per_gpu=4 vs hf per_device_train_batch_size=8.*rl.grpo.images_per_device x "
+     r"num_generations"),
+    (dict(trl={"deepspeed": {"zero_optimization": {"stage": 3}, "fp16": {"enabled": True}, "bf16": {"enabled": True}}}),
+     "bfloat16 and fp16 modes cannot be simultaneously enabled"),
+    (dict(trl={"deepspeed": "configs/deepspeed/no-such.json"}),
+     r"rl.grpo: trl refuses these settings: .*configs/deepspeed/no-such.json"),
 ])
 def test_settings_trl_refuses_stop_the_stage_before_any_model_loads(tmp_path, grpo, message):
     from aesr1.config import ParamsError

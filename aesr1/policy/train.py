@@ -14,7 +14,7 @@ import torch
 from datasets import Dataset
 
 from aesr1.config import config
-from aesr1.policy.trainer import StepProgress, freeze_vision, lora_config, quiet, resume, trl_arguments
+from aesr1.policy.trainer import StepProgress, freeze_vision, lora_config, quiet, resume, trl_config
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,23 @@ class TrainConfig:
     trl: dict[str, Any] = field(default_factory=dict)  # any other SFTConfig field, by trl's own name
 
 
+def sft_config(cfg: TrainConfig, checkpoint_dir: Path, report_to: list[str] | None = None):
+    """trl's SFTConfig from ``sft.train`` (trl's own extra fields from ``sft.train.trl``); settings that cannot
+    work stop here, before any model loads, in this project's keys."""
+    from trl import SFTConfig
+
+    on_gpu = torch.cuda.is_available()
+    return trl_config(SFTConfig, dict(
+        output_dir=str(checkpoint_dir), use_cpu=not on_gpu, bf16=on_gpu, num_train_epochs=cfg.epochs,
+        learning_rate=cfg.learning_rate, lr_scheduler_type=cfg.lr_scheduler, warmup_steps=cfg.warmup,
+        per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
+        max_length=cfg.max_length, logging_steps=cfg.logging_steps, save_strategy="steps", save_steps=cfg.save_steps,
+        save_total_limit=1, seed=cfg.seed, report_to=report_to or [],
+        gradient_checkpointing=cfg.gradient_checkpointing, completion_only_loss=True,
+        dataloader_num_workers=0, disable_tqdm=True,  # StepProgress logs instead
+    ), cfg.trl, "sft.train", batch="sft.train.batch_size")
+
+
 def fit(model, processor, dataset: Dataset, cfg: TrainConfig, checkpoint_dir: Path,
         report_to: list[str] | None = None, callbacks: list | None = None, progress_name: str = "sft"):
     """Train with SFTTrainer (loss on the completion only); resume from the last checkpoint if any.
@@ -51,18 +68,9 @@ def fit(model, processor, dataset: Dataset, cfg: TrainConfig, checkpoint_dir: Pa
     exist (under DeepSpeed ZeRO-3 the weights are then partitioned while loading, never
     whole on one GPU). Returns the trainer; :func:`aesr1.policy.trainer.save_trained` saves its model.
     """
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTTrainer
 
-    on_gpu = torch.cuda.is_available()
-    args = SFTConfig(**trl_arguments(SFTConfig, dict(
-        output_dir=str(checkpoint_dir), use_cpu=not on_gpu, bf16=on_gpu, num_train_epochs=cfg.epochs,
-        learning_rate=cfg.learning_rate, lr_scheduler_type=cfg.lr_scheduler, warmup_steps=cfg.warmup,
-        per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
-        max_length=cfg.max_length, logging_steps=cfg.logging_steps, save_strategy="steps", save_steps=cfg.save_steps,
-        save_total_limit=1, seed=cfg.seed, report_to=report_to or [],
-        gradient_checkpointing=cfg.gradient_checkpointing, completion_only_loss=True,
-        dataloader_num_workers=0, disable_tqdm=True,  # StepProgress logs instead
-    ), cfg.trl))
+    args = sft_config(cfg, checkpoint_dir, report_to)
     if isinstance(model, (str, Path)):
         from aesr1.policy.generation import load_policy
 

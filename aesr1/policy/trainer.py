@@ -23,7 +23,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from aesr1 import distributed
-from aesr1.errors import AesError
+from aesr1.config import ParamsError
 
 log = logging.getLogger(__name__)
 
@@ -32,13 +32,34 @@ LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_p
 
 
 def freeze_vision(model) -> int:
-    """Freeze the vision tower and its merger (the projector); return the frozen parameter count."""
+    """Freeze the vision tower and its merger (the projector); return the frozen parameter count.
+
+    The tower also runs without autograd. Frozen weights alone do not stop backward from
+    running through it: with gradient checkpointing or adapters, transformers makes the
+    output of every sub-model's input embeddings require grad, the tower's patch embedding
+    included, and then every sequence back-propagates through all 32 vision blocks of its
+    image and keeps their checkpointed inputs (benchmarks/frozen_vision.py).
+    """
     frozen = 0
     for name, param in model.named_parameters():
         if ".visual." in f".{name}":
             param.requires_grad_(False)
             frozen += getattr(param, "ds_numel", param.numel())  # a ZeRO-3 partition holds none locally
+    for name, module in model.named_modules():
+        if name.split(".")[-1] == "visual" and not hasattr(module, "_grad_enabled_outside"):
+            module._grad_enabled_outside = []
+            module.register_forward_pre_hook(_autograd_off)
+            module.register_forward_hook(_autograd_back, always_call=True)
     return frozen
+
+
+def _autograd_off(module, args) -> None:
+    module._grad_enabled_outside.append(torch.is_grad_enabled())
+    torch.set_grad_enabled(False)
+
+
+def _autograd_back(module, args, output) -> None:
+    torch.set_grad_enabled(module._grad_enabled_outside.pop())
 
 
 def restore_weights(model, checkpoint: str) -> None:
@@ -127,8 +148,8 @@ def clock(seconds: float) -> str:
     return f"{minutes}m{secs:02d}s"
 
 
-def trl_arguments(config_class, owned: dict, options: dict) -> dict:
-    """The keyword arguments of a trl config: the project's own, plus ``options`` by trl's field names.
+def trl_arguments(config_class, owned: dict, options: dict, key: str) -> dict:
+    """The keyword arguments of a trl config: the project's own, plus ``options`` (``<key>.trl``) by trl's names.
 
     A name trl does not have is an error (a typo must not be ignored), and so is one the
     project sets from its own params field (two places for one value).
@@ -140,12 +161,79 @@ def trl_arguments(config_class, owned: dict, options: dict) -> dict:
     unknown = sorted(set(options) - fields)
     if unknown:
         hints = {name: difflib.get_close_matches(name, fields, n=1) for name in unknown}
-        raise AesError(f"{config_class.__name__} has no field(s) {unknown}"
-                       + "".join(f"; did you mean '{h[0]}' for '{n}'?" for n, h in hints.items() if h))
+        raise ParamsError(f"{key}.trl: {config_class.__name__} has no field(s) {unknown}"
+                          + "".join(f"; did you mean '{h[0]}' for '{n}'?" for n, h in hints.items() if h))
     taken = sorted(set(options) & set(owned))
     if taken:
-        raise AesError(f"{taken} are set by this project from its params (the section's own fields), not under 'trl'")
+        raise ParamsError(f"{key}.trl: {taken} are set by this project from {key}'s own fields, not under 'trl'")
     return {**owned, **options}
+
+
+def trl_config(config_class, owned: dict, options: dict, key: str, batch: str):
+    """trl's ``config_class`` from ``owned`` and ``<key>.trl``'s ``options``. Settings that trl, transformers or
+    DeepSpeed refuse stop here, before any model loads, naming the params key; ``batch`` names the params
+    that make the per-device batch."""
+    try:
+        args = config_class(**trl_arguments(config_class, owned, options, key))
+    except ParamsError:
+        raise
+    except ValueError as error:  # trl's own checks (batch divisibility, ...), a missing DeepSpeed file
+        raise ParamsError(
+            f"{key}: trl refuses these settings: {error} (the per-device batch is {batch} = "
+            f"{owned['per_device_train_batch_size']}, on {distributed.world_size()} process(es); trl's own fields "
+            f"go under {key}.trl)") from None
+    check_deepspeed(args, f"{key}.trl.deepspeed", batch)
+    return args
+
+
+# ZeRO settings that transformers fills from the model's hidden size once it has loaded, and the scheduler's
+# from the step count: any number stands in for them while the rest of the config is checked
+FILLED_AT_LOAD = {"zero_optimization": ("reduce_bucket_size", "stage3_prefetch_bucket_size",
+                                        "stage3_param_persistence_threshold")}
+FILLED_AT_START = ("total_num_steps", "warmup_num_steps")
+
+
+def check_deepspeed(args, key: str, batch: str) -> None:
+    """A DeepSpeed config that cannot work stops the stage before the model loads (a 7B load takes minutes).
+
+    Two checks that otherwise fire only once the model is loaded, by the libraries' own code:
+    transformers' comparison of the JSON's values with trl's (the batch, accumulation, clipping,
+    precision), and DeepSpeed's own parser (an unknown or invalid ZeRO option, fp16 with bf16).
+    """
+    import copy
+
+    ds = getattr(args, "hf_deepspeed_config", None)
+    if ds is None:
+        return
+    try:
+        from deepspeed.runtime.config import DeepSpeedConfig, DeepSpeedConfigError
+    except ImportError as error:
+        raise ParamsError(f"{key} is set but deepspeed does not import ({error}): pip install -e '.[gpu]'") from None
+    from pydantic import ValidationError
+
+    problems = [line.removeprefix("- ds ") for line in ds.mismatches]
+    config = copy.deepcopy(ds.config)
+    for section, names in FILLED_AT_LOAD.items():
+        for name in names:
+            if (config.get(section) or {}).get(name) == "auto":
+                config[section][name] = 1
+    scheduler = (config.get("scheduler") or {}).get("params") or {}
+    for name in FILLED_AT_START:
+        if scheduler.get(name) == "auto":
+            scheduler[name] = 1
+    config.pop("train_batch_size", None)  # its product with the process count is in transformers' comparison
+    try:
+        DeepSpeedConfig(config)
+    except ValidationError as error:
+        problems += [f"{error.title}: {'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors()]
+    except (AssertionError, ValueError, DeepSpeedConfigError) as error:
+        problems.append(str(error))
+    if problems:
+        source = args.deepspeed if isinstance(args.deepspeed, str) else "the mapping given"
+        raise ParamsError(
+            f"{key} ({source}): DeepSpeed refuses this config:\n  " + "\n  ".join(problems)
+            + f"\n(a value that mismatches takes params' value when the JSON says \"auto\"; the per-device batch "
+              f"is {batch})")
 
 
 def save_trained(trainer, processor, out_dir: str | Path, base: str | Path | None = None,

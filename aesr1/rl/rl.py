@@ -39,7 +39,7 @@ from aesr1.policy.trainer import (
     resume,
     run_fingerprint,
     save_trained,
-    trl_arguments,
+    trl_config,
 )
 from aesr1.rl.reward_funcs import RewardConfig, completion_text, make_reward_funcs, rewards_for_mode
 from aesr1.trajectory import band_of, parse_score
@@ -159,7 +159,7 @@ def grpo_config(cfg: RLStageConfig, checkpoints: Path, reward_weights: list[floa
             "it to the longest prompt plus rl.grpo.max_completion_length (e.g. 1024 for ~315 visual + ~90 prompt "
             "+ 512 completion tokens)")
     on_gpu = torch.cuda.is_available()
-    kwargs = trl_arguments(GRPOConfig, dict(
+    return trl_config(GRPOConfig, dict(
         output_dir=str(checkpoints), use_cpu=not on_gpu, bf16=on_gpu, seed=g.seed,
         per_device_train_batch_size=g.images_per_device * g.num_generations,
         gradient_accumulation_steps=g.grad_accum, num_generations=g.num_generations,
@@ -171,14 +171,7 @@ def grpo_config(cfg: RLStageConfig, checkpoints: Path, reward_weights: list[floa
         logging_steps=g.logging_steps, save_strategy="steps", save_steps=g.save_steps, save_total_limit=1,
         report_to=report_to, disable_tqdm=True, dataloader_num_workers=0, shuffle_dataset=True,
         log_completions=True, num_completions_to_print=0, log_multimodal=False,  # files for CompletionTables
-    ), g.trl)
-    try:
-        return GRPOConfig(**kwargs)
-    except ValueError as error:  # trl's own checks (batch divisibility, ...)
-        raise ParamsError(
-            f"rl.grpo: trl refuses these settings: {error} (the per-device batch is rl.grpo.images_per_device x "
-            f"num_generations = {g.images_per_device * g.num_generations} completions, on "
-            f"{distributed.world_size()} process(es); trl's own fields go under rl.grpo.trl)") from None
+    ), g.trl, "rl.grpo", batch="rl.grpo.images_per_device x num_generations")
 
 
 def rl_images(cfg: RLStageConfig) -> pd.DataFrame:
