@@ -92,11 +92,12 @@ def read_params(path: str | Path) -> dict:
     return data
 
 
-RECIPES = Path("configs/recipes")  # beside the params file
-# ``recipe: tiny``: params.yaml's own values, tuned for the embedded tiny model; ``custom``: params.yaml's values
-# for any backbone (yours to choose); any other name: configs/recipes/<name>.yaml merged over params.yaml
+RECIPES = Path("configs/recipes")
+# ``recipe: <name>``: configs/recipes/<name>.yaml, with the params file merged over it (the file's values win);
+# ``tiny`` (the default) is the embedded model's; ``custom``: no recipe, the params file's values for any backbone
 TINY, CUSTOM = "tiny", "custom"
 TRAINED = ("sft", "rl")  # the stages whose hyper-parameters depend on the backbone
+RECIPE_SECTIONS = ("backbone", "sft", "rl", "evaluate")  # the sections a recipe sets keys of
 
 
 def merged(base: dict, override: dict) -> dict:
@@ -107,17 +108,29 @@ def merged(base: dict, override: dict) -> dict:
     return out
 
 
-def with_recipe(path: str | Path, params: dict) -> dict:
-    """The params with their recipe applied; a real backbone with the tiny model's values is an error."""
+def recipe_file(path: str | Path, params: dict) -> Path | None:
+    """The recipe's file: beside the params file, else the project's (the stages run in its root)."""
     recipe = params.get("recipe") or TINY
-    if recipe not in (TINY, CUSTOM):
-        recipe_file = Path(path).parent / RECIPES / f"{recipe}.yaml"
-        if not recipe_file.is_file():
-            known = sorted(p.stem for p in (Path(path).parent / RECIPES).glob("*.yaml"))
-            raise ParamsError(f"{path}: recipe '{recipe}' has no file {recipe_file} (recipes: {known}, "
-                              f"'{TINY}' or '{CUSTOM}')")
-        params = merged(params, yaml.safe_load(recipe_file.read_text()) or {})
-    return params
+    if recipe == CUSTOM:
+        return None
+    beside = Path(path).parent / RECIPES / f"{recipe}.yaml"
+    return beside if beside.is_file() or not (RECIPES / f"{recipe}.yaml").is_file() else RECIPES / f"{recipe}.yaml"
+
+
+def with_recipe(path: str | Path, params: dict, required: bool = True) -> dict:
+    """The params file merged over its recipe: the recipe gives a backbone's values, the file overrides them.
+
+    A missing recipe file is an error when ``required`` (a stage reading a section recipes set); else the
+    params are returned as they are (a params file for the data stages alone needs no recipe beside it).
+    """
+    recipe = recipe_file(path, params)
+    if recipe is None or not (required or recipe.is_file()):
+        return params
+    if not recipe.is_file():
+        known = sorted(p.stem for p in recipe.parent.glob("*.yaml"))
+        raise ParamsError(f"{path}: recipe '{params.get('recipe') or TINY}' has no file {recipe} (recipes: {known} "
+                          f"or '{CUSTOM}')")
+    return merged(yaml.safe_load(recipe.read_text()) or {}, params)
 
 
 def check_recipe(path: str | Path, params: dict, section: str) -> None:
@@ -131,8 +144,8 @@ def check_recipe(path: str | Path, params: dict, section: str) -> None:
 
 
 def load_section(path: str | Path, section: str, cls: type[T]) -> T:
-    """Parse ``section`` of the params file (with its recipe) into ``cls``; missing keys take the defaults."""
-    params = with_recipe(path, read_params(path))
+    """Parse ``section`` of the params file (over its recipe) into ``cls``; missing keys take the defaults."""
+    params = with_recipe(path, read_params(path), required=section in RECIPE_SECTIONS)
     check_recipe(path, params, section)
     raw = with_shared(path, params, section, cls, params.get(section) or {})
     try:
@@ -143,22 +156,19 @@ def load_section(path: str | Path, section: str, cls: type[T]) -> T:
         raise ParamsError("\n".join(problems)) from None
 
 
-def recipe_file(path: str | Path, params: dict) -> Path | None:
-    recipe = params.get("recipe") or TINY
-    return None if recipe in (TINY, CUSTOM) else Path(path).parent / RECIPES / f"{recipe}.yaml"
-
-
 def source_of(path: str | Path, params: dict, keys: list[str]) -> str:
-    """The file a value came from: the recipe when it sets that key, else the params file."""
-    recipe = recipe_file(path, params)
-    if recipe is not None and recipe.is_file():
-        value = yaml.safe_load(recipe.read_text()) or {}
+    """The file a value came from: the params file when it sets that key, else the recipe when it does."""
+    def sets(data: dict) -> bool:
         for key in keys:
-            if not isinstance(value, dict) or key not in value:
-                break
-            value = value[key]
-        else:
-            return str(recipe)
+            if not isinstance(data, dict) or key not in data:
+                return False
+            data = data[key]
+        return True
+
+    recipe = recipe_file(path, params)
+    if recipe is not None and recipe.is_file() and not sets(read_params(path)) \
+            and sets(yaml.safe_load(recipe.read_text()) or {}):
+        return str(recipe)
     return str(path)
 
 

@@ -118,7 +118,7 @@ def run_stage(name: str, params_path: str | Path, cls: type[T], fn: Callable[[T,
     code = import_closure(stage_modules(fn.__module__))
     lineage = {"aesr1.params_md5": params_digest(cfg), "aesr1.code_md5": code_digest(code),
                "aesr1.code_files": ",".join(code)}
-    pipeline = pipeline_params(with_recipe(params_path, read_params(params_path)))
+    pipeline = pipeline_params(with_recipe(params_path, read_params(params_path), required=False))
     if name in LAUNCHED_STAGES:
         pipeline["processes"] = str(distributed.world_size())
     with stage_run(name, flatten(dataclasses.asdict(cfg)), tags=lineage, pipeline=pipeline) as run:

@@ -4,7 +4,7 @@
     python -m flows.ablations rewards --cold-start   # the same, each RL starting from the SFT model
     python -m flows.ablations sft-epochs             # 0, 1, 2, 10 epochs of SFT, then RAPO
 
-Each setting is one experiment (``dvc exp run --queue -S ...``), run one after another
+Each setting is one experiment (``dvc exp run --queue -S ++key=value ...``), run one after another
 (``dvc exp run --run-all``); DVC restores every stage the setting does not change from
 its cache. Their MLflow runs go to an experiment of their own (``aesr1-ablation-<study>``),
 one pipeline run per setting named after the DVC experiment, so the MLflow UI compares
@@ -35,7 +35,7 @@ RESULT_COLUMNS = ["plcc", "plcc_se", "srcc", "srcc_se", "expected_plcc", "expect
 
 
 def study_settings(study: str, cold_start: bool = False) -> dict[str, dict[str, str]]:
-    """Setting name -> params overrides (``-S key=value``) of one study."""
+    """Setting name -> params overrides (``-S ++key=value``) of one study."""
     if study == "rewards":
         start = {} if cold_start else {"rl.model": "data/models/backbone"}  # the paper: RL without cold start
         return {mode: {**start, "rl.rewards.mode": mode} for mode in REWARD_MODES}
@@ -49,10 +49,15 @@ def experiment_name(study: str, setting: str, stamp: str) -> str:
     return f"{study}-{setting.replace('+', '-plus-')}-{stamp}"
 
 
+def set_params(overrides: dict[str, str]) -> list[str]:
+    """``dvc exp run``'s ``-S`` arguments for one setting. ``++`` sets the key in params.yaml whether or not it
+    is there yet: a recipe's keys (sft.train.epochs) are not, and params.yaml overrides the recipe."""
+    return [arg for key, value in {**COMMON, **overrides}.items() for arg in ("-S", f"++{key}={value}")]
+
+
 @task(name="queue-experiment", task_run_name="{name}", cache_policy=NO_CACHE)
 def queue_experiment(root: str, name: str, overrides: dict[str, str]) -> None:
-    sets = [arg for key, value in {**COMMON, **overrides}.items() for arg in ("-S", f"{key}={value}")]
-    run_logged(["dvc", "exp", "run", "--queue", "-n", name, *sets], root)
+    run_logged(["dvc", "exp", "run", "--queue", "-n", name, *set_params(overrides)], root)
 
 
 @task(name="run-queued-experiments", cache_policy=NO_CACHE)

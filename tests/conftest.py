@@ -66,20 +66,28 @@ SMALL_SIZES = {"ava": {"train": 50, "test": 15}, "tad66k": {"train": 50, "test":
 
 
 def shrink_params(root: Path) -> Path:
-    """Shrink every stage's params in a repository copy so the whole pipeline runs in a few minutes."""
+    """Shrink every stage's params in a repository copy so the whole pipeline runs in a few minutes (the tiny
+    recipe's values are overridden from params.yaml, as a user overrides a recipe)."""
     params = yaml.safe_load((root / "params.yaml").read_text())
+
+    def override(dotted: str, **values) -> None:
+        holder = params
+        for part in dotted.split("."):
+            holder = holder.setdefault(part, {})
+        holder.update(values)
+
     params["launcher"] = "torchrun --standalone --nproc_per_node 2"  # sft, rl, evaluate on two processes (gloo)
     params["synth"]["sizes"] = SMALL_SIZES
-    params["ingest"].update(train_size=100, min_test_per_dataset=5, max_reject_rate=0.2)
-    params["backbone"]["tiny"].update(hidden_size=64, intermediate_size=128, layers=2, vision_hidden_size=32,
-                                      vision_heads=2, image_size=32)
-    params["backbone"]["pretrain"].update(samples=32)
-    params["backbone"]["pretrain"]["train"].update(epochs=1)
-    params["sft"]["train"].update(epochs=1)
-    params["sft"]["heldout"].update(samples=8, max_new_tokens=24)
-    params["rl"]["grpo"].update(max_steps=2, images_per_device=2, max_completion_length=16)
-    params["rl"]["heldout"].update(samples=8, max_new_tokens=24)
-    params["evaluate"].update(max_per_test_set=6)
-    params["evaluate"]["decoding"].update(max_new_tokens=24, batch_size=16)
+    override("ingest", train_size=100, min_test_per_dataset=5, max_reject_rate=0.2)
+    override("backbone.tiny", hidden_size=64, intermediate_size=128, layers=2, vision_hidden_size=32, vision_heads=2,
+             image_size=32)
+    override("backbone.pretrain", samples=32)
+    override("backbone.pretrain.train", epochs=1)
+    override("sft.train", epochs=1)
+    override("sft.heldout", samples=8, max_new_tokens=24)
+    override("rl.grpo", max_steps=2, images_per_device=2, max_completion_length=16)
+    override("rl.heldout", samples=8, max_new_tokens=24)
+    override("evaluate", max_per_test_set=6)
+    override("evaluate.decoding", max_new_tokens=24, batch_size=16)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return root

@@ -7,7 +7,7 @@ import pytest
 
 from aesr1.errors import AesError
 from aesr1.evaluation.ablation import PAPER, findings, write_ablation_report
-from flows.ablations import COMMON, experiment_name, experiment_results, study_settings
+from flows.ablations import COMMON, experiment_name, experiment_results, set_params, study_settings
 
 
 def test_reward_study_runs_every_mode_without_cold_start_unless_asked():
@@ -26,6 +26,29 @@ def test_sft_epoch_study_zero_epochs_means_rl_from_the_backbone():
     with pytest.raises(AesError, match="unknown study"):
         study_settings("learning-rate")
     assert experiment_name("rewards", "error+rank", "0101") == "rewards-error-plus-rank-0101"
+
+
+def test_a_settings_overrides_reach_the_stage_over_the_recipe(tmp_path):
+    """DVC applies the -S arguments to params.yaml (its own Hydra override code, as `dvc exp run` does); the
+    override wins over the tiny recipe's value and leaves the recipe's other values as they are."""
+    import shutil
+
+    from conftest import REPO
+    from dvc.utils.hydra import apply_overrides
+
+    from aesr1.config import load_section
+    from aesr1.evaluation.evaluate import EvaluateConfig
+    from aesr1.policy.sft import SFTStageConfig
+
+    shutil.copytree(REPO / "configs", tmp_path / "configs")
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    args = set_params(study_settings("sft-epochs")["10"])
+    apply_overrides(tmp_path / "params.yaml", args[1::2])
+    sft = load_section(tmp_path / "params.yaml", "sft", SFTStageConfig)
+    tiny = load_section(REPO / "params.yaml", "sft", SFTStageConfig)
+    assert tiny.train.epochs == 2 and sft.train.epochs == 10 and sft.train.learning_rate == tiny.train.learning_rate
+    evaluate = load_section(tmp_path / "params.yaml", "evaluate", EvaluateConfig)
+    assert evaluate.only == ["rapo"] and evaluate.register.model is None
 
 
 def _exp(name, plcc, srcc, entropy):

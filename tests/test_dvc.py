@@ -55,3 +55,15 @@ def test_the_closure_sees_function_level_imports_and_a_missing_dep_fails():
 def test_comments_name_files_that_exist():
     named = re.findall(r"#.*?\(((?:flows|aesr1|tasks|tests)/[\w/]+\.py)\)", (REPO / "dvc.yaml").read_text())
     assert all((REPO / path).is_file() for path in named), named
+
+
+def test_every_params_dep_is_a_key_params_yaml_has(pipeline):
+    """DVC refuses to run a stage whose params dep is missing from params.yaml; a recipe's keys are not there, so
+    a stage reading one depends on the nearest mapping params.yaml has (and on configs/recipes)."""
+    from aesr1.config import lookup
+
+    stages, params = pipeline
+    for name, stage in stages.items():
+        for key in stage.get("params", []):
+            assert isinstance(key, str), (name, key)  # params from params.yaml only
+            lookup(params, key)  # KeyError: DVC would stop with "Parameters ... are missing"

@@ -1,4 +1,5 @@
-"""Recipes per backbone: selected in one line, merged over params.yaml, and a guard against the tiny model's values."""
+"""Recipes per backbone: selected in one line, params.yaml merged over them, and a guard against the tiny model's
+values."""
 
 import shutil
 
@@ -33,8 +34,23 @@ def test_a_real_backbone_with_the_tiny_models_values_stops_and_names_the_recipe(
         with pytest.raises(ParamsError, match="recipe: qwen2.5-vl-7b"):
             load_section(path, section, cls)
     assert load_section(path, "backbone", BackboneConfig).name_or_path == "Qwen/Qwen2.5-VL-7B-Instruct"
-    custom = write(recipe="custom", backbone={**data["backbone"], "name_or_path": "Qwen/Qwen2.5-VL-7B-Instruct"})
-    assert load_section(custom, "sft", SFTStageConfig).train.learning_rate == data["sft"]["train"]["learning_rate"]
+    custom = write(recipe="custom", backbone={**data["backbone"], "name_or_path": "Qwen/Qwen2.5-VL-7B-Instruct"},
+                   sft={**data["sft"], "train": {"learning_rate": 3e-6}})
+    assert load_section(custom, "sft", SFTStageConfig).train.learning_rate == 3e-6  # no recipe: params.yaml's
+
+
+def test_the_tiny_recipe_holds_the_embedded_defaults_values_and_params_yaml_none_of_a_recipes_keys():
+    """Switching the recipe switches every backbone-dependent value: the shipped params.yaml overrides none."""
+    from aesr1.config import RECIPE_SECTIONS, flatten
+
+    shipped = set(flatten(yaml.safe_load((REPO / "params.yaml").read_text())))
+    for recipe in (REPO / "configs/recipes").glob("*.yaml"):
+        keys = set(flatten(yaml.safe_load(recipe.read_text())))
+        assert {key.split(".")[0] for key in keys} <= set(RECIPE_SECTIONS), recipe.name
+        assert not shipped & keys, (recipe.name, sorted(shipped & keys))
+    tiny = load_section(REPO / "params.yaml", "backbone", BackboneConfig)
+    assert tiny.name_or_path == "tiny" and tiny.tiny.hidden_size == 128 and tiny.pretrain.samples == 2000
+    assert load_section(REPO / "params.yaml", "rl", RLStageConfig).grpo.learning_rate == 5e-5
 
 
 def test_the_7b_recipe_is_one_line_and_merges_over_the_sections(params):
@@ -43,10 +59,16 @@ def test_the_7b_recipe_is_one_line_and_merges_over_the_sections(params):
     sft = load_section(path, "sft", SFTStageConfig)
     rl = load_section(path, "rl", RLStageConfig)
     backbone = load_section(path, "backbone", BackboneConfig)
-    assert backbone.name_or_path == "Qwen/Qwen2.5-VL-7B-Instruct" and backbone.max_pixels == 262_144
+    from aesr1.backbone.backbone import pixel_budget
+
+    assert backbone.name_or_path == "Qwen/Qwen2.5-VL-7B-Instruct" and pixel_budget(backbone) == 262_144
     assert (sft.train.learning_rate, sft.train.epochs, sft.train.freeze_vision) == (1e-5, 1, True)
     assert (rl.grpo.learning_rate, rl.grpo.temperature, rl.grpo.max_completion_length) == (1e-6, 1.0, 512)
     assert sft.corpus == data["sft"]["corpus"] and rl.rewards.mode == "error+rank"  # the rest is params.yaml's
+    assert (sft.train.lora_r, rl.grpo.logging_steps) == (16, 1)  # nothing of the tiny recipe: defaults, params
+    override = write(recipe="qwen2.5-vl-7b", rl={**data["rl"], "grpo": {**data["rl"]["grpo"], "learning_rate": 2e-6}})
+    overridden = load_section(override, "rl", RLStageConfig).grpo  # params.yaml wins, key by key
+    assert (overridden.learning_rate, overridden.temperature, overridden.beta) == (2e-6, 1.0, 0.01)
     with pytest.raises(ParamsError, match="no file"):
         load_section(write(recipe="qwen9"), "sft", SFTStageConfig)
 
@@ -82,7 +104,7 @@ def test_the_recipes_deepspeed_config_passes_deepspeeds_own_checks(tmp_path):
 
 
 def test_one_rollout_temperature_reaches_the_rollouts_and_every_probe(params, tmp_path):
-    """rl.grpo.temperature is the one home: `dvc exp run -S rl.grpo.temperature=1.3` changes the RL sampling
+    """rl.grpo.temperature is the one home: `dvc exp run -S ++rl.grpo.temperature=1.3` changes the RL sampling
     and the held-out probes after SFT and after RL alike; a copy of it in a probe's section is an error."""
     write, data = params
     data = yaml.safe_load(yaml.safe_dump(data))
@@ -91,8 +113,9 @@ def test_one_rollout_temperature_reaches_the_rollouts_and_every_probe(params, tm
     sft, rl = load_section(path, "sft", SFTStageConfig), load_section(path, "rl", RLStageConfig)
     assert sft.heldout.temperature == rl.heldout.temperature == 1.3
     assert grpo_config(rl, tmp_path / "ck", [1.0], []).temperature == 1.3
-    assert load_section(write(recipe="qwen2.5-vl-7b", rl=data["rl"]), "sft", SFTStageConfig).heldout.temperature == 1.0
-    data["sft"]["heldout"]["temperature"] = 0.7
+    assert load_section(write(recipe="qwen2.5-vl-7b"), "sft", SFTStageConfig).heldout.temperature == 1.0
+    assert load_section(write(recipe="qwen2.5-vl-7b", rl=data["rl"]), "sft", SFTStageConfig).heldout.temperature == 1.3
+    data["sft"]["heldout"] = {"temperature": 0.7}
     with pytest.raises(ParamsError, match="sft.heldout.temperature is not set here: it is rl.grpo.temperature"):
         load_section(write(rl=data["rl"], sft=data["sft"]), "sft", SFTStageConfig)
 
@@ -107,7 +130,7 @@ def test_every_shared_setting_is_a_dvc_params_dep_of_the_stage_that_reads_it():
         import importlib
 
         for key in shared_keys(getattr(importlib.import_module(module), config_class)).values():
-            assert key in stages[name]["params"] or key.split(".")[0] in stages[name]["params"], (name, key)
+            assert any(key == dep or key.startswith(dep + ".") for dep in stages[name]["params"]), (name, key)
 
 
 def test_the_evaluations_critique_check_uses_the_filter_stages_align_thresholds(params):

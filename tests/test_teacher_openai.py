@@ -144,8 +144,8 @@ def test_missing_key_is_a_clear_error(tmp_path, monkeypatch):
         OpenAITeacher(teacher_cfg(tmp_path, "http://127.0.0.1:9"))
 
 
-def ask(tmp_path, server, items, **overrides) -> tuple[list, dict]:
-    teacher = OpenAITeacher(teacher_cfg(tmp_path, server.url, **overrides))
+def ask(tmp_path, server, items, max_pixels=262_144, **overrides) -> tuple[list, dict]:
+    teacher = OpenAITeacher(teacher_cfg(tmp_path, server.url, **overrides), max_pixels)
     return teacher.critique_many(items), teacher.usage()
 
 

@@ -130,7 +130,7 @@ def test_the_pipeline_run_holds_the_runs_defining_params_and_its_results(tmp_pat
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv(environment.PIPELINE_ID, "p1")
     (tmp_path / "params.yaml").write_text(
-        "launcher: python\nrecipe: tiny\nrl:\n  grpo: {learning_rate: 5.0e-5, temperature: 0.7}\n"
+        "launcher: python\nrecipe: custom\nrl:\n  grpo: {learning_rate: 5.0e-5, temperature: 0.7}\n"
         "toy:\n  rate: 0.25\n")
     pd.DataFrame({"image_id": ["a", "b"], "score": [0.1, 0.9]}).to_parquet(tmp_path / "manifest.parquet")
 
@@ -148,7 +148,7 @@ def test_the_pipeline_run_holds_the_runs_defining_params_and_its_results(tmp_pat
     (pipeline,) = client.search_runs([experiment.experiment_id], f"tags.`{ROLE_TAG}` = 'pipeline'")
     params, metrics = pipeline.data.params, pipeline.data.metrics
     assert params["rl_learning_rate"] == "5e-05" and params["rollout_temperature"] == "0.7"
-    assert params["recipe"] == "tiny" and params["launcher"] == "python" and params["teacher_model"] == "none"
+    assert params["recipe"] == "custom" and params["launcher"] == "python" and params["teacher_model"] == "none"
     assert params["processes"] == "1"  # logged by the stages the launcher starts
     assert metrics["rapo/plcc"] == 0.4 and metrics["rapo/plcc_se"] == 0.02 and metrics["rapo/ava_srcc"] == 0.45
     assert metrics["rapo/expected_plcc"] == 0.42 and metrics["rapo/unparseable"] == 0.0

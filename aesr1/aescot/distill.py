@@ -17,8 +17,9 @@ import pandas as pd
 
 from aesr1.aescot.teacher_analytic import AnalyticTeacherConfig
 from aesr1.aescot.teachers import TeacherConfig, make_teacher
-from aesr1.config import config
+from aesr1.config import config, shared
 from aesr1.errors import AesError
+from aesr1.images import MAX_PIXELS
 from aesr1.stage import Recorder
 from aesr1.trajectory import band_of, make_trajectory
 
@@ -34,6 +35,8 @@ class DistillConfig:
     teacher: TeacherConfig = field(default_factory=AnalyticTeacherConfig)  # one typed config per kind
     limit: int | None = None  # distil only the first N samples (a cheap trial with a paid teacher)
     max_failure_rate: float = 0.05
+    # the images the teacher is shown fit the policy's pixel budget (None: the reference's, images.MAX_PIXELS)
+    max_pixels: int | None = shared("backbone.max_pixels", default=None)
 
 
 class DistillError(AesError):
@@ -46,7 +49,7 @@ def distill(cfg: DistillConfig, recorder: Recorder) -> dict:
         manifest = manifest.head(cfg.limit)
     recorder.dataset(cfg.train_manifest, manifest, "training")
     manifest = manifest.assign(band=manifest["score"].map(band_of))
-    teacher = make_teacher(cfg.teacher)
+    teacher = make_teacher(cfg.teacher, cfg.max_pixels if cfg.max_pixels is not None else MAX_PIXELS)
     pid, teacher_id = teacher.prompt_id, teacher.teacher_id
     recorder.param("prompt_id", pid)
     recorder.param("teacher_id", teacher_id)

@@ -60,7 +60,6 @@ class OpenAITeacherConfig:
     requests_per_minute: float | None = None  # the endpoint's rate tier, retries included; None: unlimited
     tokens_per_minute: float | None = None  # prompt + completion tokens; None: unlimited
     max_image_side: int | None = 1024  # longer images are downscaled before upload; None: no side limit
-    max_pixels: int | None = MAX_PIXELS  # the policy's budget (aesr1/images.py), so the teacher sees what it sees
 
 
 class _Retryable(Exception):
@@ -154,8 +153,9 @@ class OpenAITeacher:
 
     name = "openai"
 
-    def __init__(self, cfg: OpenAITeacherConfig):
+    def __init__(self, cfg: OpenAITeacherConfig, max_pixels: int | None = MAX_PIXELS):
         self.cfg = cfg
+        self.max_pixels = max_pixels  # the policy's pixel budget (backbone.max_pixels): the teacher sees what it sees
         self.api_key = os.environ.get(cfg.api_key_env)
         if not self.api_key:
             raise AesError(f"teacher.kind 'openai' needs an API key in the environment variable "
@@ -234,7 +234,7 @@ class OpenAITeacher:
 
         try:
             image_bytes = await asyncio.to_thread(upload_bytes, Path(image_path).read_bytes(), self.cfg.max_image_side,
-                                                    self.cfg.max_pixels)
+                                                    self.max_pixels)
         except OSError as err:  # missing or not an image (PIL's UnidentifiedImageError is an OSError)
             self._count_error("unreadable image")
             return Critique(key, error=f"unreadable image: {err}")

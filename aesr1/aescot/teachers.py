@@ -22,6 +22,12 @@ TeacherConfig = Annotated[AnalyticTeacherConfig | OpenAITeacherConfig, Field(dis
 TEACHERS = {"analytic": AnalyticTeacher, "openai": OpenAITeacher}
 
 
-def make_teacher(cfg: AnalyticTeacherConfig | OpenAITeacherConfig):
-    """The teacher of the config's kind; it names itself (``teacher_id``) and its instructions (``prompt_id``)."""
+def make_teacher(cfg: AnalyticTeacherConfig | OpenAITeacherConfig, max_pixels: int | None):
+    """The teacher of the config's kind; it names itself (``teacher_id``) and its instructions (``prompt_id``).
+
+    ``max_pixels`` bounds the images a teacher is shown: the policy's budget. The analytic
+    teacher is shown none; it measures the file, as the filter stage's checks do.
+    """
+    if cfg.kind == "openai":
+        return OpenAITeacher(cfg, max_pixels)
     return TEACHERS[cfg.kind](cfg)
