@@ -140,7 +140,7 @@ def check_recipe(path: str | Path, params: dict, section: str) -> None:
             f"{path}: backbone.name_or_path is {backbone}, but the '{section}' hyper-parameters are the tiny "
             f"model's (recipe: {TINY}; e.g. SFT at lr 2e-3 would wreck a pretrained model). Select its recipe "
             f"in params.yaml, e.g. `recipe: qwen2.5-vl-7b` (configs/recipes/qwen2.5-vl-7b.yaml), or set "
-            f"`recipe: {CUSTOM}` to train with params.yaml's values as they are")
+            f"`recipe: {CUSTOM}` to train with params.yaml's values (and the sections' defaults) as they are")
 
 
 def load_section(path: str | Path, section: str, cls: type[T]) -> T:

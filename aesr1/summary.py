@@ -15,7 +15,7 @@ import os
 from aesr1 import environment
 from aesr1.config import flatten
 
-# short name -> dotted key in params.yaml (after its recipe is merged)
+# short name -> dotted key in the params (params.yaml merged over its recipe)
 PARAM_KEYS = {
     "recipe": "recipe",
     "backbone": "backbone.name_or_path",

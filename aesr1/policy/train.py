@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 @config
 class TrainConfig:
-    """How to fine-tune. Defaults follow the Aes-R1 reference cold start (full FT, 1 epoch, lr 1e-5, cosine)."""
+    """How to fine-tune. Defaults: the reference's cold start (configs/recipes/qwen2.5-vl-7b.yaml)."""
 
     mode: Literal["full", "lora"] = "full"
     epochs: float = 1.0

@@ -1,11 +1,10 @@
 """The rl stage: RAPO, i.e. trl's GRPOTrainer with the relative + absolute rewards.
 
-Defaults follow the Aes-R1 reference: K = 4 generations, beta = 0.01 (k3 KL to the
-reference policy), epsilon 0.2 / epsilon_high 0.28 (asymmetric clipping), lr 1e-6
-(linear), temperature 1.0, 512 completion tokens, rewards normalised per image group.
-Loss type ``dapo``: the reference's token-level objective (every token of the batch
-weighs the same). With ``num_iterations: 1`` the probability ratio is exactly 1 and the
-clipping never acts (as in the reference); set it above 1 to make the clip real.
+The defaults are the Aes-R1 reference's (its values and their reasons:
+configs/recipes/qwen2.5-vl-7b.yaml and docs/method.md): a k3 KL to the reference policy,
+asymmetric clipping, rewards normalised per image group, loss type ``dapo`` (every token of
+the batch weighs the same). With ``num_iterations: 1`` the probability ratio is exactly 1
+and the clipping never acts (as in the reference); set it above 1 to make the clip real.
 
 A batch holds whole groups only: the per-device batch is ``images_per_device * K``.
 """
@@ -52,7 +51,7 @@ log = logging.getLogger(__name__)
 
 @config
 class GRPOParams:
-    """Reference values; the embedded default overrides them in params.yaml."""
+    """Defaults: the reference's values (configs/recipes/qwen2.5-vl-7b.yaml); the tiny recipe sets its own."""
 
     num_generations: int = 4
     images_per_device: int = 8
