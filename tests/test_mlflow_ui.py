@@ -83,7 +83,7 @@ def two_pipeline_runs(store_uri, tmp_path, monkeypatch):
     for number, (learning_rate, rapo_plcc) in enumerate(((5.0e-5, 0.37612), (1.0e-4, 0.41187))):
         monkeypatch.setenv(environment.PIPELINE_ID, f"pipeline-{number}")
         (tmp_path / "params.yaml").write_text(
-            f"recipe: tiny\nrl:\n  grpo: {{learning_rate: {learning_rate}}}\nevaluate: {{rate: 0.5}}\n")
+            f"recipe: custom\nrl:\n  grpo: {{learning_rate: {learning_rate}}}\nevaluate: {{rate: 0.5}}\n")
         subprocess.run(["git", *identity, "commit", "-qm", f"lr {learning_rate}", "--", "params.yaml"]
                        if number else ["git", "add", "params.yaml"], cwd=tmp_path, check=True)
         if not number:  # each run from its own commit, so the runs' names (date, commit) differ as a user's do
