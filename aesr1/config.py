@@ -159,10 +159,10 @@ def load_section(path: str | Path, section: str, cls: type[T]) -> T:
 def source_of(path: str | Path, params: dict, keys: list[str]) -> str:
     """The file a value came from: the params file when it sets that key, else the recipe when it does."""
     def sets(data: dict) -> bool:
-        for key in keys:
-            if not isinstance(data, dict) or key not in data:
-                return False
-            data = data[key]
+        try:
+            lookup(data, ".".join(keys))
+        except KeyError:
+            return False
         return True
 
     recipe = recipe_file(path, params)

@@ -87,7 +87,6 @@ def main() -> None:
     step(net, inputs, labels)  # warm-up
 
     results: dict[str, list[dict]] = {"tower back-propagated": [], "freeze_vision (no autograd)": []}
-    hooks = None
     for _ in range(args.rounds):
         for variant in results:
             tower = model.model.visual
@@ -98,7 +97,6 @@ def main() -> None:
                 tower._forward_hooks.clear()
                 tower.__dict__.pop("_grad_enabled_outside", None)
             results[variant].append(step(net, inputs, labels))
-            hooks = hooks or len(tower._forward_hooks)
 
     summary = {variant: {key: statistics.median(r[key] for r in runs) for key in runs[0]}
                for variant, runs in results.items()}

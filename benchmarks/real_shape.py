@@ -644,13 +644,13 @@ def measured_table(r: dict, est: dict[str, mm.Estimate], shape: mm.Shape, c: int
             per_layer = q["saved_bytes"].get("text layers", 0) / args.layers / q["tokens"]
             rows.append((f"probe: saved per token per layer, {label}", f"{per_layer / 1024:.1f} KiB",
                          f"{est[key].info['activation bytes per token per layer'] / 1024:.1f} KiB"))
-        vision_model = 0  # freeze_vision runs the frozen tower without autograd (benchmarks/frozen_vision.py)
+        vision_model = sum(v for k, v in est["probe"].held.items() if k.startswith("vision:"))  # none: frozen
         rows += [
             ("probe: ... x 28 layers x 917 tok x 32 seq (LoRA)",
              f"{p['saved_bytes'].get('text layers', 0) / args.layers / p['tokens'] * 28 * 917 * 32 / gib:.0f} GiB",
              "what RL's batch would keep without checkpointing"),
             (f"probe: vision saved ({p['patches']} patches)", f"{p['saved_bytes'].get('vision', 0) / MiB:.1f} MiB",
-             f"{vision_model / MiB:.1f} MiB (frozen: no autograd)"),
+             f"{vision_model / MiB:.1f} MiB (a frozen tower runs without autograd)"),
             ("probe: LM head output (forward hook)", f"{p['logits_bytes'] / MiB:.0f} MiB {p['logits_dtype']}",
              f"{p['tokens'] * shape.vocab * c / MiB:.0f} MiB = 1 x {p['tokens']} x {shape.vocab} x {c}"),
             ("probe: fp32 logits saved by the loss", f"{p['saved_bytes'].get('head + loss', 0) / MiB:.0f} MiB",

@@ -186,11 +186,11 @@ def trl_config(config_class, owned: dict, options: dict, key: str, batch: str):
     return args
 
 
-# ZeRO settings that transformers fills from the model's hidden size once it has loaded, and the scheduler's
-# from the step count: any number stands in for them while the rest of the config is checked
-FILLED_AT_LOAD = {"zero_optimization": ("reduce_bucket_size", "stage3_prefetch_bucket_size",
-                                        "stage3_param_persistence_threshold")}
-FILLED_AT_START = ("total_num_steps", "warmup_num_steps")
+# What transformers fills once the model has loaded (from its hidden size) or training starts (the step count):
+# any number stands in for an "auto" there while the rest of the config is checked
+FILLED_LATER = ("zero_optimization.reduce_bucket_size", "zero_optimization.stage3_prefetch_bucket_size",
+                "zero_optimization.stage3_param_persistence_threshold", "scheduler.params.total_num_steps",
+                "scheduler.params.warmup_num_steps")
 
 
 def check_deepspeed(args, key: str, batch: str) -> None:
@@ -200,8 +200,6 @@ def check_deepspeed(args, key: str, batch: str) -> None:
     transformers' comparison of the JSON's values with trl's (the batch, accumulation, clipping,
     precision), and DeepSpeed's own parser (an unknown or invalid ZeRO option, fp16 with bf16).
     """
-    import copy
-
     ds = getattr(args, "hf_deepspeed_config", None)
     if ds is None:
         return
@@ -209,21 +207,18 @@ def check_deepspeed(args, key: str, batch: str) -> None:
         from deepspeed.runtime.config import DeepSpeedConfig, DeepSpeedConfigError
     except ImportError as error:
         raise ParamsError(f"{key} is set but deepspeed does not import ({error}): pip install -e '.[gpu]'") from None
+    from accelerate.utils.deepspeed import HfDeepSpeedConfig
     from pydantic import ValidationError
 
     problems = [line.removeprefix("- ds ") for line in ds.mismatches]
-    config = copy.deepcopy(ds.config)
-    for section, names in FILLED_AT_LOAD.items():
-        for name in names:
-            if (config.get(section) or {}).get(name) == "auto":
-                config[section][name] = 1
-    scheduler = (config.get("scheduler") or {}).get("params") or {}
-    for name in FILLED_AT_START:
-        if scheduler.get(name) == "auto":
-            scheduler[name] = 1
-    config.pop("train_batch_size", None)  # its product with the process count is in transformers' comparison
+    filled = HfDeepSpeedConfig(ds.config)  # a copy
+    for setting in FILLED_LATER:
+        if filled.get_value(setting) == "auto":
+            node, name = filled.find_config_node(setting)
+            node[name] = 1
+    filled.config.pop("train_batch_size", None)  # its product with the process count is in transformers' comparison
     try:
-        DeepSpeedConfig(config)
+        DeepSpeedConfig(filled.config)
     except ValidationError as error:
         problems += [f"{error.title}: {'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors()]
     except (AssertionError, ValueError, DeepSpeedConfigError) as error:
