@@ -9,7 +9,17 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+import sys
+from datetime import timedelta
 from functools import cache
+
+# How long a collective waits for the slowest process before the run is killed (params' top-level ``ddp_timeout``,
+# transformers' name and unit). torch's own default (10 minutes under NCCL) is shorter than the main process's
+# saves: gathering and writing a 7B model, merging a LoRA adapter, uploading 16 GB to MLflow while the others
+# wait at a barrier.
+DEFAULT_TIMEOUT_S = 7200
+_timeout_s = DEFAULT_TIMEOUT_S
 
 
 def launched() -> bool:
@@ -17,17 +27,54 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def set_timeout(seconds: int) -> None:
+    """The process group's timeout; set before the group exists (the first collective creates it)."""
+    global _timeout_s
+    if int(seconds) != _timeout_s and (state.cache_info().currsize or _group_exists()):
+        raise RuntimeError("the process group already exists: set its timeout before any collective")
+    _timeout_s = int(seconds)
+
+
+def timeout_s() -> int:
+    return _timeout_s
+
+
+def _group_exists() -> bool:
+    return "torch" in sys.modules and sys.modules["torch"].distributed.is_initialized()
+
+
 @cache
 def state():
     """accelerate's process state; it sets up torch.distributed from the launcher's environment.
 
     On a machine without a GPU the processes talk over gloo (accelerate only picks the
-    CPU backend when told to), so ``torchrun --nproc_per_node 2`` works on a laptop.
+    CPU backend when told to), so ``torchrun --nproc_per_node 2`` works on a laptop. DeepSpeed
+    and the Trainer then reuse this group, so its timeout (:func:`set_timeout`) is the run's.
     """
     import torch
     from accelerate import PartialState
 
-    return PartialState(cpu=not torch.cuda.is_available())
+    return PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(seconds=_timeout_s))
+
+
+def single_process_group() -> None:
+    """A process group of one process, on loopback, when no launcher started this one (``launcher: python``).
+
+    DeepSpeed needs a process group even for one process (ZeRO-3's partitioned load, its
+    engine); finding none and no launcher's environment, it looks for MPI and dies without
+    mpi4py. Under a launcher the launcher's group serves.
+    """
+    if launched() or _group_exists():
+        return
+    import torch
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.distributed.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo", rank=0,
+                                         world_size=1, timeout=timedelta(seconds=_timeout_s))
 
 
 def world_size() -> int:
@@ -47,15 +94,15 @@ def barrier() -> None:
 def close() -> None:
     """Wait for every process, then close the process group: a gloo group left open at exit can abort the process.
 
-    On one process there is no group, and torch is not imported for nothing (3 s on the data stages).
+    A stage that never made a group (one process without DeepSpeed) does not import torch for it (3 s on the
+    data stages).
     """
-    if not launched():
+    if not _group_exists():
         return
     import torch.distributed
 
-    if torch.distributed.is_initialized():
-        barrier()
-        state().destroy_process_group()
+    barrier()
+    torch.distributed.destroy_process_group()
 
 
 def device():

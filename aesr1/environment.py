@@ -16,3 +16,7 @@ REPO = "AESR1_REPO"
 DVC_EXPERIMENT = "DVC_EXP_NAME"
 # set by DVC for a stage's command; read by aesr1.tracking: a pipeline runner launched the stage
 DVC_ROOT = "DVC_ROOT"
+
+# what a stage handed to another machine takes along from the pipeline's environment (tasks/dvc_stage.py): the MLflow
+# experiment and DVC experiment its runs belong to
+FORWARDED = (EXPERIMENT, DVC_EXPERIMENT)

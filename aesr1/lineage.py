@@ -57,17 +57,24 @@ def code_digest(files: list[str]) -> str:
     return digest.hexdigest()
 
 
+def changed_files(root: Path, also_excluded: tuple[str, ...] = ()) -> list[str]:
+    """Tracked files that differ from the commit, other than what the pipeline writes (``PIPELINE_WRITTEN``) and
+    ``also_excluded``; raises OSError or a SubprocessError outside a git checkout or without git."""
+    excluded = [f":(exclude){name}" for name in (*PIPELINE_WRITTEN, *also_excluded)]
+    status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", *excluded],
+                            cwd=root, capture_output=True, text=True, timeout=30, check=True).stdout
+    return [line[3:] for line in status.splitlines() if line.strip()]
+
+
 def git_state(root: Path) -> tuple[str, bool] | None:
     """(commit, dirty) of the repository at ``root``; None outside a git checkout or without git.
 
     Dirty: a tracked file differs from the commit, other than what the pipeline writes (``PIPELINE_WRITTEN``).
     """
-    excluded = [f":(exclude){name}" for name in PIPELINE_WRITTEN]
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
                                 timeout=10, check=True).stdout.strip()
-        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", *excluded],
-                                 cwd=root, capture_output=True, text=True, timeout=30, check=True).stdout.strip()
+        changed = changed_files(root)
     except (OSError, subprocess.SubprocessError):
         return None
     return commit, bool(changed)

@@ -26,7 +26,7 @@ import mlflow
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from aesr1 import distributed
-from aesr1.config import flatten, load_section, read_params, with_recipe
+from aesr1.config import ParamsError, flatten, load_section, read_params, with_recipe
 from aesr1.lineage import code_digest, import_closure
 from aesr1.summary import LAUNCHED_STAGES, pipeline_params
 from aesr1.tracking import log_pipeline_metrics, stage_run, ui_link
@@ -106,9 +106,18 @@ def write_metrics(path: Path, metrics: dict) -> None:
     path.write_text(json.dumps(_strict_json(metrics), indent=2, allow_nan=False) + "\n")
 
 
+def ddp_timeout(params_path: str | Path) -> int:
+    """params' top-level ``ddp_timeout``: seconds a collective waits for the slowest process."""
+    value = read_params(params_path).get("ddp_timeout", distributed.DEFAULT_TIMEOUT_S)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ParamsError(f"{params_path}: ddp_timeout is {value!r}: a whole number of seconds above 0")
+    return value
+
+
 def run_stage(name: str, params_path: str | Path, cls: type[T], fn: Callable[[T, Recorder], dict],
               metrics_dir: str | Path = "metrics") -> dict:
     cfg = load_section(params_path, name, cls)
+    distributed.set_timeout(ddp_timeout(params_path))  # before the first collective makes the process group
     if not distributed.is_main():  # the others do their share; what they would record, the main process records
         metrics = fn(cfg, Recorder())
         distributed.barrier()

@@ -6,16 +6,20 @@
 
 Each setting is one experiment (``dvc exp run --queue -S ++key=value ...``), run one after another
 (``dvc exp run --run-all``); DVC restores every stage the setting does not change from
-its cache. Their MLflow runs go to an experiment of their own (``aesr1-ablation-<study>``),
-one pipeline run per setting named after the DVC experiment, so the MLflow UI compares
-them side by side. The report (markdown and plot) lands in ``data/ablations/<study>/``
-and in that MLflow experiment.
+its cache. With ``remote_stages`` (the ``-gpu`` deployments: a real backbone trains on the gpu
+pool) each setting instead runs as the pipeline flow in this checkout, those stages handed to
+their deployments, and is saved as the same named experiment (``dvc exp save``); the checkout's
+params, lock and outputs are put back afterwards. Their MLflow runs go to an experiment of their
+own (``aesr1-ablation-<study>``), one pipeline run per setting named after the DVC experiment,
+so the MLflow UI compares them side by side. The report (markdown and plot) lands in
+``data/ablations/<study>/`` and in that MLflow experiment.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -66,6 +70,33 @@ def run_queue(root: str, jobs: int, mlflow_experiment: str) -> None:
                {environment.EXPERIMENT: mlflow_experiment})
 
 
+def run_through_pools(root: str, names: dict[str, str], settings: dict[str, dict[str, str]],
+                      remote_stages: dict[str, str], mlflow_experiment: str) -> None:
+    """Each setting as the pipeline flow in ``root``, ``remote_stages`` on their pools, saved as its experiment."""
+    from dvc.utils.hydra import apply_overrides
+
+    from flows.pipeline import pipeline
+
+    kept = {name: (Path(root) / name).read_text() for name in ("params.yaml", "dvc.lock")}
+    outer = {key: os.environ.get(key) for key in (environment.EXPERIMENT, environment.DVC_EXPERIMENT)}
+    try:
+        for setting, overrides in settings.items():
+            (Path(root) / "params.yaml").write_text(kept["params.yaml"])
+            apply_overrides(Path(root) / "params.yaml", set_params(overrides)[1::2])  # DVC's own -S code
+            os.environ.update({environment.EXPERIMENT: mlflow_experiment, environment.DVC_EXPERIMENT: names[setting]})
+            pipeline(root=root, remote_stages=remote_stages)
+            run_logged(["dvc", "exp", "save", "--force", "-n", names[setting]], root)
+    finally:
+        for key, value in outer.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        for name, text in kept.items():
+            (Path(root) / name).write_text(text)
+        run_logged(["dvc", "checkout", "--quiet"], root)  # the outputs the restored lock names
+
+
 def experiment_results(exp_show: list, names: dict[str, str]) -> pd.DataFrame:
     """Rows (setting, experiment, plcc, srcc, ...) from ``dvc exp show --json`` for the named experiments."""
     found = {}
@@ -100,8 +131,10 @@ def collect(root: str, names: dict[str, str]) -> pd.DataFrame:
 
 @flow(name="aesr1-ablation", flow_run_name="{study}", log_prints=True)
 def ablation(study: str, root: str = ".", cold_start: bool = False, jobs: int = 1,
-             out_dir: str = "data/ablations", settings: list[str] | None = None) -> str:
-    """Queue and run one study's experiments (``settings``: only these), then write its report."""
+             out_dir: str = "data/ablations", settings: list[str] | None = None,
+             remote_stages: dict[str, str] | None = None) -> str:
+    """Run one study's experiments (``settings``: only these), then write its report. ``remote_stages``: stage ->
+    the deployment that runs it on another pool (the settings then run one at a time)."""
     from aesr1.evaluation.ablation import write_ablation_report
 
     root = str(Path(root).resolve())
@@ -112,10 +145,13 @@ def ablation(study: str, root: str = ".", cold_start: bool = False, jobs: int = 
     settings = {k: v for k, v in all_settings.items() if not settings or k in settings}
     stamp = time.strftime("%Y%m%d%H%M%S")
     names = {setting: experiment_name(study, setting, stamp) for setting in settings}
-    for setting, overrides in settings.items():
-        queue_experiment(root, names[setting], overrides)
     mlflow_experiment = f"aesr1-ablation-{study}"
-    run_queue(root, jobs, mlflow_experiment)
+    if remote_stages:
+        run_through_pools(root, names, settings, remote_stages, mlflow_experiment)
+    else:
+        for setting, overrides in settings.items():
+            queue_experiment(root, names[setting], overrides)
+        run_queue(root, jobs, mlflow_experiment)
     results = collect(root, names)
     report, plot = write_ablation_report(study, results, Path(root) / out_dir / study)
     _log_report(root, mlflow_experiment, study, results, report, plot)
@@ -143,9 +179,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--jobs", type=int, default=1, help="experiments at a time")
     parser.add_argument("--settings", nargs="*", help="run only these settings (e.g. rank error)")
     parser.add_argument("--root", default=".")
+    parser.add_argument("--remote", nargs="*", default=[], metavar="STAGE=DEPLOYMENT",
+                        help="run STAGE through DEPLOYMENT on another work pool (needs a Prefect server and worker)")
     args = parser.parse_args(argv)
     print(ablation(study=args.study, root=args.root, cold_start=args.cold_start, jobs=args.jobs,
-                   settings=args.settings))
+                   settings=args.settings, remote_stages=dict(item.split("=", 1) for item in args.remote)))
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from aesr1 import environment
+from tasks.source import pipeline_commit
 
 
 def dvc_stages(root: str | Path) -> list[str]:
@@ -60,9 +61,11 @@ def remote_stage(stage: str, root: str, deployment: str, pipeline_id: str, force
     from prefect.deployments import run_deployment
 
     logger = get_run_logger()
+    commit = pipeline_commit(root)  # the worker runs this code, or nothing
     run_logged(["dvc", "push"], root)  # the stage's inputs, for the other machine to pull
-    parameters = {"stage": stage, "params_yaml": (Path(root) / "params.yaml").read_text(),
-                  "dvc_lock": _read(Path(root) / "dvc.lock"), "pipeline_id": pipeline_id, "force": force}
+    parameters = {"stage": stage, "commit": commit, "params_yaml": (Path(root) / "params.yaml").read_text(),
+                  "dvc_lock": _read(Path(root) / "dvc.lock"), "pipeline_id": pipeline_id, "force": force,
+                  "run_env": {k: os.environ[k] for k in environment.FORWARDED if k in os.environ}}
     flow_run = run_deployment(deployment, parameters=parameters, timeout=None, as_subflow=True)
     if not flow_run.state.is_completed():
         raise RuntimeError(f"stage '{stage}' on {deployment} ended {flow_run.state.name}: "

@@ -12,6 +12,8 @@ from PIL import Image
 from aesr1 import environment
 
 REPO = Path(__file__).resolve().parents[1]
+IDENTITY = {"GIT_AUTHOR_NAME": "aesr1 tests", "GIT_AUTHOR_EMAIL": "tests@aesr1.invalid",  # for test commits
+            "GIT_COMMITTER_NAME": "aesr1 tests", "GIT_COMMITTER_EMAIL": "tests@aesr1.invalid"}
 
 
 @pytest.fixture(autouse=True)

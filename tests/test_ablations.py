@@ -1,9 +1,11 @@
 """The ablation studies' settings, reading `dvc exp show`, and the report beside the paper's tables."""
 
 import math
+from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 
 from aesr1.errors import AesError
 from aesr1.evaluation.ablation import PAPER, findings, write_ablation_report
@@ -96,3 +98,76 @@ def test_report_puts_our_table_beside_the_papers(tmp_path):
     assert "rank-only ranks better than it calibrates (SRCC > PLCC): **holds**" in text
     assert "error+rank (RAPO) is best on both PLCC and SRCC: **not measured**" in text
     assert plot.stat().st_size > 1000
+
+
+def test_every_deployment_that_trains_has_a_gpu_twin_sending_the_training_stages_to_the_gpu_pool():
+    from conftest import REPO
+
+    deployments = {d["name"]: d for d in yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]}
+    training = [name for name, d in deployments.items()
+                if d["entrypoint"] in ("flows/pipeline.py:pipeline", "flows/ablations.py:ablation")
+                and not name.endswith("-gpu")]
+    assert training
+    for name in training:
+        twin = deployments[f"{name}-gpu"]
+        assert twin["entrypoint"] == deployments[name]["entrypoint"]
+        assert twin["parameters"].get("study") == deployments[name]["parameters"].get("study")
+        remote = twin["parameters"]["remote_stages"]
+        assert set(remote) == {"sft", "rl", "evaluate"} and set(remote.values()) == {"aesr1-remote-stage/gpu-stage"}
+
+
+TOY_STAGE = """import json, pathlib, yaml
+mode = yaml.safe_load(open("params.yaml"))["rl"]["rewards"]["mode"]
+pathlib.Path("metrics").mkdir(exist_ok=True)
+json.dump({"rapo": {"average": {"plcc": len(mode) / 10, "srcc": 0.5}}}, open("metrics/evaluate.json", "w"))
+"""
+
+
+@pytest.mark.slow
+def test_with_remote_stages_each_setting_runs_as_the_pipeline_flow_and_is_saved_as_its_experiment(tmp_path,
+                                                                                                   monkeypatch):
+    """The -gpu deployments: every setting runs as the pipeline flow (its stages handed to the pools), with the
+    setting's params, in the study's MLflow experiment under its DVC experiment's name; then it is a named
+    experiment like a queued one, and the checkout is as it was."""
+    import os
+    import subprocess
+
+    from conftest import IDENTITY
+    from prefect.testing.utilities import prefect_test_harness
+
+    import flows.pipeline
+    from aesr1 import environment
+    from flows.ablations import ablation
+
+    root = tmp_path / "repo"
+    root.mkdir()
+    params = yaml.safe_dump({"rl": {"rewards": {"mode": "error+rank"}}, "evaluate": {"only": None}})
+    (root / "params.yaml").write_text(params)
+    (root / "toy.py").write_text(TOY_STAGE)
+    (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"evaluate": {
+        "cmd": "python toy.py", "deps": ["toy.py"], "params": ["rl.rewards.mode"],
+        "metrics": [{"metrics/evaluate.json": {"cache": False}}]}}}))
+    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["dvc", "repro", "-q"], ["git", "add", "-A"],
+                ["git", "commit", "-qm", "toy"]):
+        subprocess.run(cmd, cwd=root, check=True, capture_output=True, env={**os.environ, **IDENTITY})
+    lock = (root / "dvc.lock").read_text()
+    ran = []
+
+    def pools(root, remote_stages):  # the pipeline flow, its remote stages stood in for by a local `dvc repro`
+        ran.append((yaml.safe_load((Path(root) / "params.yaml").read_text()), remote_stages,
+                    os.environ[environment.EXPERIMENT], os.environ[environment.DVC_EXPERIMENT]))
+        subprocess.run(["dvc", "repro", "-q"], cwd=root, check=True, capture_output=True)
+
+    monkeypatch.setattr(flows.pipeline, "pipeline", pools)
+    monkeypatch.delenv(environment.EXPERIMENT, raising=False)
+    with prefect_test_harness():
+        report = ablation("rewards", root=str(root), settings=["rank", "error"], remote_stages={"rl": "a/gpu"})
+    assert sorted((p["rl"]["rewards"]["mode"], p["evaluate"]["only"], r, e) for p, r, e, _ in ran) == [
+        ("error", ["rapo"], {"rl": "a/gpu"}, "aesr1-ablation-rewards"),
+        ("rank", ["rapo"], {"rl": "a/gpu"}, "aesr1-ablation-rewards")]
+    text = Path(report).read_text()
+    assert "0.400" in text and "0.500" in text  # each experiment's PLCC, read back from `dvc exp show`
+    names = subprocess.run(["dvc", "exp", "ls", "--name-only"], cwd=root, capture_output=True, text=True).stdout
+    assert {name for *_, name in ran} <= set(names.split())
+    assert (root / "params.yaml").read_text() == params and (root / "dvc.lock").read_text() == lock
+    assert environment.EXPERIMENT not in os.environ

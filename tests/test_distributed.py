@@ -52,3 +52,50 @@ def test_the_rank_reward_ranks_against_the_global_batch(two_processes):
     got = two_processes[0]["rank_reward"] + two_processes[1]["rank_reward"]
     assert got == pytest.approx(whole)
     assert two_processes[0]["rank_reward"] != pytest.approx(local)  # not ranked against its own half only
+
+
+def _busy_main_process(tmp_path, timeout_s: int, busy_s: float) -> list[dict]:
+    params = tmp_path / "params.yaml"
+    params.write_text(f"ddp_timeout: {timeout_s}\n")
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2",
+         str(REPO / "tests/multiprocess/slow_main.py"), str(params), str(busy_s), str(tmp_path)],
+        cwd=REPO, env=with_venv({**__import__("os").environ}), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+def test_the_process_groups_timeout_is_params_ddp_timeout(tmp_path):
+    """The group every stage (and DeepSpeed after it) uses times out after params' ddp_timeout: a short one fails
+    the waiting process while the main one is busy, a long enough one lets it wait."""
+    (tmp_path / "short").mkdir()
+    (tmp_path / "long").mkdir()
+    waited = _busy_main_process(tmp_path / "short", timeout_s=2, busy_s=8)
+    assert waited[1]["timeout_s"] == 2 and waited[1]["barrier"].startswith("timed out"), waited
+    waited = _busy_main_process(tmp_path / "long", timeout_s=120, busy_s=4)
+    assert [w["barrier"] for w in waited] == ["passed", "passed"]
+
+
+def test_the_default_timeout_outlasts_a_7b_save_and_upload(tmp_path):
+    """Without ddp_timeout a collective waits two hours, not torch's 10 minutes (NCCL); the trainers get the same."""
+    from aesr1.config import ParamsError
+    from aesr1.policy.train import TrainConfig, sft_config
+    from aesr1.stage import ddp_timeout
+
+    params = tmp_path / "params.yaml"
+    params.write_text("launcher: python\n")
+    assert ddp_timeout(str(params)) == distributed.DEFAULT_TIMEOUT_S >= 3600
+    assert sft_config(TrainConfig(), tmp_path / "ck").ddp_timeout == distributed.timeout_s()
+    params.write_text("ddp_timeout: 10m\n")
+    with pytest.raises(ParamsError, match="ddp_timeout is '10m': a whole number of seconds"):
+        ddp_timeout(str(params))
+
+
+def test_a_checkpoint_is_resumed_only_by_a_run_on_as_many_processes(monkeypatch):
+    """A ZeRO-3 checkpoint holds one optimizer shard per process: a run on another GPU count starts afresh."""
+    from aesr1.policy.trainer import run_fingerprint
+
+    on_one = run_fingerprint({"lr": 1e-6})
+    assert run_fingerprint({"lr": 1e-6}) == on_one
+    monkeypatch.setattr(distributed, "world_size", lambda: 8)
+    assert run_fingerprint({"lr": 1e-6}) != on_one

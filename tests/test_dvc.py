@@ -67,3 +67,19 @@ def test_every_params_dep_is_a_key_params_yaml_has(pipeline):
         for key in stage.get("params", []):
             assert isinstance(key, str), (name, key)  # params from params.yaml only
             lookup(params, key)  # KeyError: DVC would stop with "Parameters ... are missing"
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (REPO / "configs/recipes").glob("*.yaml")))
+def test_a_deepspeed_config_a_recipe_names_is_a_dep_of_the_stage_that_trains_with_it(recipe, pipeline):
+    """Editing the JSON reruns the stage and changes its run-cache key (a GPU worker's run is found by it)."""
+    from aesr1.config import lookup
+
+    stages, params = pipeline
+    data = yaml.safe_load((REPO / "configs/recipes" / recipe).read_text())
+    for stage, key in (("sft", "sft.train.trl.deepspeed"), ("rl", "rl.grpo.trl.deepspeed")):
+        try:
+            named = lookup(data, key)
+        except KeyError:
+            continue
+        if isinstance(named, str):
+            assert covered(named, resolved_deps(stages[stage], params)), f"{stage} does not depend on {named}"

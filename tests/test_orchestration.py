@@ -14,7 +14,7 @@ import mlflow
 import psutil
 import pytest
 import yaml
-from conftest import cli_env, repo_copy, run, shrink_params, with_venv
+from conftest import IDENTITY, cli_env, repo_copy, run, shrink_params, with_venv
 
 from aesr1 import environment
 
@@ -90,9 +90,15 @@ def trigger(env: dict, root: Path, deployment: str, parameters: dict) -> str:
 def test_gpu_pool_runs_rl_through_a_dvc_remote_and_a_dead_worker_fails_the_run_visibly(prefect_server, tmp_path):
     env = {**prefect_server, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     remote = tmp_path / "dvc-remote"
-    cpu, gpu = (shrink_params(repo_copy(tmp_path / name)) for name in ("cpu-machine", "gpu-machine"))
+    # both machines hold the project's git history; a stage handed to the gpu worker runs the pipeline's commit
+    cpu = shrink_params(repo_copy(tmp_path / "cpu-machine"))
+    run(["git", "add", "-A"], cpu, env)
+    run(["git", "commit", "-qm", "small"], cpu, {**env, **IDENTITY})
+    gpu = tmp_path / "gpu-machine"
+    run(["git", "clone", "-q", str(cpu), str(gpu)], tmp_path, env)
+    run(["git", "commit", "-qm", "the code the pipeline runs", "--allow-empty"], cpu, {**env, **IDENTITY})
     for machine in (cpu, gpu):
-        run(["dvc", "remote", "add", "-d", "shared", str(remote)], machine, env)
+        run(["dvc", "remote", "add", "--local", "-d", "shared", str(remote)], machine, env)
 
     assert "cpu, gpu" in run(["python", "-m", "flows.pools"], cpu, env)
     run(["prefect", "--no-prompt", "deploy", "--all"], cpu, env)
@@ -132,6 +138,8 @@ def test_gpu_pool_runs_rl_through_a_dvc_remote_and_a_dead_worker_fails_the_run_v
     assert (cpu / "metrics/evaluate.json").is_file()
     assert "rl:" in (cpu / "dvc.lock").read_text()
     assert "Flow run 'rl'" in (tmp_path / "worker-gpu.log").read_text()  # the gpu worker ran it
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cpu, capture_output=True, text=True).stdout.strip()
+    assert subprocess.run(["git", "rev-parse", "HEAD"], cwd=gpu, capture_output=True, text=True).stdout.strip() == head
 
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
     runs = mlflow.search_runs(experiment_names=["aesr1"], filter_string="tags.`aesr1.role` = 'stage'")

@@ -13,15 +13,13 @@ import mlflow
 import pandas as pd
 import pytest
 import yaml
-from conftest import REPO, cli_env, repo_copy, run, shrink_params, with_venv
+from conftest import IDENTITY, REPO, cli_env, repo_copy, run, shrink_params, with_venv
 
 from aesr1.errors import AesError
 from aesr1.trajectory import split_trajectory
 
 pytestmark = pytest.mark.slow
 STAGES = list(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"])
-IDENTITY = {"GIT_AUTHOR_NAME": "aesr1 tests", "GIT_AUTHOR_EMAIL": "tests@aesr1.invalid",
-            "GIT_COMMITTER_NAME": "aesr1 tests", "GIT_COMMITTER_EMAIL": "tests@aesr1.invalid"}
 
 @pytest.fixture(scope="module")
 def small_repo(tmp_path_factory):

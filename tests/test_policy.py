@@ -238,3 +238,23 @@ def test_entropy_known_answers():
 def test_scores_parse_from_sampled_text_only_when_well_formed():
     assert parse_score(make_trajectory("ok", 0.3)) == 0.3
     assert math.isnan(parse_score("<think>ok</think><answer>0.3"))
+
+
+def test_a_lora_adapter_merges_into_the_base_in_the_bases_own_dtype(tmp_path, tiny_backbone):
+    """A bf16 base (every hub VLM) gives a bf16 merged model: half the bytes of an fp32 merge."""
+    from peft import get_peft_model
+    from transformers import AutoModelForImageTextToText
+
+    from aesr1.policy.trainer import lora_config, merge_adapter
+
+    folder, _ = tiny_backbone
+    base = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.bfloat16)
+    base.save_pretrained(tmp_path / "bf16")
+    adapted = get_peft_model(AutoModelForImageTextToText.from_pretrained(tmp_path / "bf16", dtype=torch.float32),
+                             lora_config(TrainConfig(mode="lora", lora_r=4)))
+    adapted.save_pretrained(tmp_path / "adapter")
+    merge_adapter(tmp_path / "bf16", tmp_path / "adapter", tmp_path / "merged")
+    merged = AutoModelForImageTextToText.from_pretrained(tmp_path / "merged", dtype="auto")
+    assert {p.dtype for p in merged.parameters()} == {torch.bfloat16}
+    size = sum(f.stat().st_size for f in (tmp_path / "merged").glob("*.safetensors"))
+    assert size < 1.1 * sum(f.stat().st_size for f in (tmp_path / "bf16").glob("*.safetensors"))

@@ -222,7 +222,7 @@ def test_band_balanced_rl_prompts_take_the_rarest_bands_count_of_each(tmp_path):
 @pytest.mark.parametrize("grpo, message", [
     (dict(images_per_device=2, num_generations=4, trl={"generation_batch_size": 6}),
      r"rl.grpo: trl refuses these settings: generation_batch_size \(6\) must be divisible"),
-    (dict(use_vllm=True), "rl.grpo.trl.vllm_max_model_length is not set"),
+    (dict(use_vllm=True), r"rl.grpo.use_vllm: trl 1\.16.* corrupts image prompts under vLLM .*#6294, #6401"),
     (dict(trl={"deepspeed": {"zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_saves": True}}}),
      r"rl.grpo.trl.deepspeed \(the mapping given\): DeepSpeed refuses this config:\n  DeepSpeedZeroConfig: "
      r"stage3_gather_16bit_weights_on_model_saves: Extra inputs are not permitted"),
@@ -245,3 +245,24 @@ def test_settings_trl_refuses_stop_the_stage_before_any_model_loads(tmp_path, gr
                         checkpoint_root=str(tmp_path / "ck"), balance_bands=False, grpo=GRPOParams(**grpo))
     with pytest.raises(ParamsError, match=message):  # a ParamsError, not the missing model folder's OSError
         build_trainer(cfg, [], [])
+
+
+def test_vllm_needs_a_model_length_in_colocate_mode_only():
+    """Checked as for a trl release that fixes vLLM's image prompts: vLLM colocated on the training GPUs sizes its KV
+    cache for the model's whole context unless told the length; a vLLM server (trl vllm-serve) has its own."""
+    from aesr1.config import ParamsError
+    from aesr1.rl.rl import VLLM_IMAGE_FIX, GRPOParams, check_vllm
+
+    with pytest.raises(ParamsError, match="vllm_max_model_length is not set"):
+        check_vllm(GRPOParams(use_vllm=True, vllm_mode="colocate"), VLLM_IMAGE_FIX)
+    check_vllm(GRPOParams(use_vllm=True, vllm_mode="colocate", trl={"vllm_max_model_length": 1024}), VLLM_IMAGE_FIX)
+    check_vllm(GRPOParams(use_vllm=True, vllm_mode="server"), VLLM_IMAGE_FIX)
+
+
+def test_the_kl_term_is_the_references_k3_not_weighted_by_the_importance_ratio(tmp_path):
+    """trl's default multiplies the per-token KL by the (differentiable) ratio, which changes its gradient even
+    on-policy; the reference's is the plain k3 estimator."""
+    from aesr1.rl.rl import GRPOParams, RLStageConfig, grpo_config
+
+    args = grpo_config(RLStageConfig(grpo=GRPOParams(beta=0.01)), tmp_path / "ck", [1.0], [])
+    assert args.beta == 0.01 and args.use_bias_correction_kl is False

@@ -89,3 +89,36 @@ def test_zero3_partitions_samples_saves_gathered_and_merges_lora_without_hanging
     assert not torch.equal(merged[next(k for k in merged if "q_proj" in k and "language_model" in k)],
                            AutoModelForImageTextToText.from_pretrained(base).state_dict()[
                                next(k for k in merged if "q_proj" in k and "language_model" in k)])
+
+
+def test_one_process_without_a_launcher_trains_under_zero3(tmp_path):
+    """``launcher: python`` with the recipes' DeepSpeed config (one GPU, no torchrun): DeepSpeed needs a process
+    group; without one, and without a launcher's environment, it looked for MPI (ModuleNotFoundError: mpi4py)."""
+    import math
+
+    import pandas as pd
+    from test_policy import SMALL
+    from transformers import AutoModelForImageTextToText
+
+    from aesr1.backbone.backbone import BackboneConfig, backbone
+    from aesr1.backbone.pretrain import PretrainConfig
+    from aesr1.policy.train import TrainConfig
+    from aesr1.stage import Recorder
+    from aesr1.trajectory import make_trajectory
+
+    backbone(BackboneConfig(out_dir=str(tmp_path / "backbone"), checkpoint_root=str(tmp_path / "ck"), tiny=SMALL,
+                            pretrain=PretrainConfig(samples=8, train=TrainConfig(epochs=1, batch_size=8))),
+             Recorder())
+    rows = [{"image_path": str(write_jpeg(tmp_path / "images" / f"{i}.jpg", value=30 * i, size=32)),
+             "trajectory": make_trajectory(f"Exposure: the frame is {'dark' if i < 4 else 'bright'}.", i / 7)}
+            for i in range(8)]
+    pd.DataFrame(rows).to_parquet(tmp_path / "trajectories.parquet")
+    launcher_variables = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    env = with_venv({k: v for k, v in os.environ.items() if k not in launcher_variables} | {"DS_ACCELERATOR": "cpu"})
+    done = subprocess.run([sys.executable, str(REPO / "tests/multiprocess/one_process_zero3.py"),
+                           str(tmp_path / "backbone"), str(tmp_path / "trajectories.parquet"), str(tmp_path)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=420)
+    assert done.returncode == 0, done.stderr[-4000:]
+    seen = json.loads((tmp_path / "seen.json").read_text())
+    assert (seen["world"], seen["steps"], seen["zero_stage"]) == (1, 2, 3) and math.isfinite(seen["loss"])
+    assert AutoModelForImageTextToText.from_pretrained(tmp_path / "sft").num_parameters() > 0

@@ -38,6 +38,7 @@ class SFTStageConfig:
     out_dir: str = "data/models/sft"
     checkpoint_root: str = "data/checkpoints"
     log_model: bool = True  # copy the saved model folder into the MLflow run
+    keep_checkpoints: bool = False  # keep the last checkpoint after the run (a rerun of the same run resumes from it)
     train: TrainConfig = field(default_factory=TrainConfig)
     heldout: HeldoutConfig = field(default_factory=HeldoutConfig)
 
@@ -52,7 +53,7 @@ def sft(cfg: SFTStageConfig, recorder: Recorder) -> dict:
     trainer = fit(cfg.model, processor, dataset, cfg.train, checkpoints, report_to=["mlflow"])
     merge_into = cfg.model if cfg.train.mode == "lora" and cfg.train.merge_lora else None
     save_trained(trainer, processor, cfg.out_dir, base=merge_into, log_model=cfg.log_model)
-    finish(checkpoints)  # they only served to resume a killed run
+    finish(checkpoints, keep=cfg.keep_checkpoints)  # they only served to resume a killed run
 
     free_optimizer(trainer)
     state = trainer.state
@@ -63,6 +64,8 @@ def sft(cfg: SFTStageConfig, recorder: Recorder) -> dict:
     train_stats = next((h for h in reversed(state.log_history) if "train_runtime" in h), {})
     return {
         "train_samples": len(corpus),
+        "steps": int(state.global_step),
+        "resumed_from_step": trainer.resumed_from_step,  # 0: trained from the start
         "loss_first": losses[0] if losses else math.nan,
         "loss_last": losses[-1] if losses else math.nan,
         "train_runtime_s": train_stats.get("train_runtime", math.nan),

@@ -89,6 +89,7 @@ def resume(trainer, checkpoint_dir: Path, mode: str) -> str | None:
     """The last checkpoint of a killed run in ``checkpoint_dir`` (None: start afresh), its weights restored
     into ``trainer.model`` in full mode; pass it to ``trainer.train(resume_from_checkpoint=...)``."""
     last = get_last_checkpoint(str(checkpoint_dir)) if checkpoint_dir.is_dir() else None
+    trainer.resumed_from_step = int(Path(last).name.rsplit("-", 1)[-1]) if last else 0  # the stage's metrics say it
     if last:
         log.info("resuming from %s", last)
         # under DeepSpeed the Trainer's resume loads the engine's own checkpoint, weights included; a second,
@@ -99,9 +100,10 @@ def resume(trainer, checkpoint_dir: Path, mode: str) -> str | None:
 
 
 def run_fingerprint(cfg: object, data: pd.DataFrame | None = None) -> str:
-    """A short hash of a run's config and training data (every row's content): a checkpoint is resumed
-    only by a run with the same config on the same data."""
-    digest = hashlib.sha256(json.dumps(str(cfg)).encode())
+    """A short hash of a run's config, training data (every row's content) and process count: a checkpoint is
+    resumed only by a run with the same config on the same data and as many processes (a ZeRO-3 checkpoint holds
+    one optimizer shard per process, and the batch per step is per process)."""
+    digest = hashlib.sha256(json.dumps([str(cfg), distributed.world_size()]).encode())
     if data is not None:
         digest.update(pd.util.hash_pandas_object(data.astype(str), index=False).to_numpy().tobytes())
     return digest.hexdigest()[:12]
@@ -173,6 +175,7 @@ def trl_config(config_class, owned: dict, options: dict, key: str, batch: str):
     """trl's ``config_class`` from ``owned`` and ``<key>.trl``'s ``options``. Settings that trl, transformers or
     DeepSpeed refuse stop here, before any model loads, naming the params key; ``batch`` names the params
     that make the per-device batch."""
+    owned = {**owned, "ddp_timeout": distributed.timeout_s()}  # the process group's (params: ddp_timeout)
     try:
         args = config_class(**trl_arguments(config_class, owned, options, key))
     except ParamsError:
@@ -183,6 +186,8 @@ def trl_config(config_class, owned: dict, options: dict, key: str, batch: str):
             f"{owned['per_device_train_batch_size']}, on {distributed.world_size()} process(es); trl's own fields "
             f"go under {key}.trl)") from None
     check_deepspeed(args, f"{key}.trl.deepspeed", batch)
+    if args.deepspeed:
+        distributed.single_process_group()  # DeepSpeed needs a group even for one process (launcher: python)
     return args
 
 
@@ -280,14 +285,18 @@ def outside_zero3():
 
 
 def merge_adapter(base: str | Path, adapter: Path, out: Path) -> Path:
-    """A saved LoRA adapter merged into a fresh, whole load of ``base``, saved to ``out`` (one process)."""
+    """A saved LoRA adapter merged into a fresh, whole load of ``base``, saved to ``out`` (one process).
+
+    The base loads in the dtype it was saved in (a hub VLM's bf16: a 7B merged folder of 16.6 GB, not 33 GB
+    in fp32, and as many bytes to log to MLflow and push through DVC).
+    """
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText
 
     from aesr1.policy.generation import resolve_model
 
     with outside_zero3():
-        merged = AutoModelForImageTextToText.from_pretrained(resolve_model(base), dtype=torch.float32)
+        merged = AutoModelForImageTextToText.from_pretrained(resolve_model(base), dtype="auto")
         merged = PeftModel.from_pretrained(merged, adapter).merge_and_unload()
     merged.save_pretrained(out)
     return out
@@ -305,7 +314,8 @@ def free_optimizer(trainer) -> None:
         torch.cuda.empty_cache()
 
 
-def finish(checkpoint_dir: Path) -> None:
-    """Remove a finished run's checkpoints (they only serve to resume a killed run); main process only."""
-    if distributed.is_main():
+def finish(checkpoint_dir: Path, keep: bool = False) -> None:
+    """Remove a finished run's checkpoints (they only serve to resume a killed run) unless ``keep``; main process
+    only."""
+    if distributed.is_main() and not keep:
         shutil.rmtree(checkpoint_dir, ignore_errors=True)

@@ -95,6 +95,7 @@ class RLStageConfig:
     train_images: int | None = None  # a subset of the training images (None: all)
     balance_bands: bool = False  # as many bad, fair and good images (by their score) as the rarest band has
     log_model: bool = True
+    keep_checkpoints: bool = False  # keep the last checkpoint after the run (a rerun of the same run resumes from it)
     heldout: HeldoutConfig = field(default_factory=HeldoutConfig)  # the same probe as after SFT
     rewards: RewardConfig = field(default_factory=RewardConfig)
     grpo: GRPOParams = field(default_factory=GRPOParams)
@@ -145,18 +146,39 @@ class CompletionTables(TrainerCallback):
             self.logged.append(step)
 
 
+# The first trl release that may hand vLLM unexpanded image placeholders (pyproject caps trl below it): trl 1.16's
+# GRPOTrainer passes vLLM the processor's prompt ids, image tokens already expanded, beside the raw image, and vLLM
+# expands them again (huggingface/trl #6294: corrupted prompts; #6401: a crash in M-RoPE, or silently shifted
+# prompts, on images of mixed sizes, which every real dataset has)
+VLLM_IMAGE_FIX = "1.17"
+
+
+def check_vllm(g: GRPOParams, trl_version: str) -> None:
+    """``rl.grpo.use_vllm`` settings that cannot work stop the stage before any model loads."""
+    from packaging.version import Version
+
+    if Version(trl_version) < Version(VLLM_IMAGE_FIX):
+        raise ParamsError(
+            f"rl.grpo.use_vllm: trl {trl_version} corrupts image prompts under vLLM (it passes vLLM image tokens "
+            f"already expanded, which vLLM expands again: huggingface/trl #6294, #6401; on mixed image sizes a crash "
+            f"or silently wrong prompts); set rl.grpo.use_vllm: false (rollouts by transformers' generate)")
+    if g.vllm_mode == "colocate" and "vllm_max_model_length" not in g.trl:
+        raise ParamsError(
+            "rl.grpo.use_vllm with vllm_mode colocate, but rl.grpo.trl.vllm_max_model_length is not set: vLLM would "
+            "size its KV cache for the model's whole context (Qwen2.5-VL: 128K tokens) inside "
+            "vllm_gpu_memory_utilization; set it to the longest prompt plus rl.grpo.max_completion_length (e.g. 1024 "
+            "for ~315 visual + ~90 prompt + 512 completion tokens)")
+
+
 def grpo_config(cfg: RLStageConfig, checkpoints: Path, reward_weights: list[float], report_to: list[str]):
     """trl's GRPOConfig from ``rl.grpo`` (trl's own extra fields from ``rl.grpo.trl``); settings that cannot
     work stop here, before any model loads, in this project's keys."""
+    import trl
     from trl import GRPOConfig
 
     g = cfg.grpo
-    if g.use_vllm and "vllm_max_model_length" not in g.trl:
-        raise ParamsError(
-            "rl.grpo.use_vllm is true but rl.grpo.trl.vllm_max_model_length is not set: vLLM would size its KV "
-            "cache for the model's whole context (Qwen2.5-VL: 128K tokens) inside vllm_gpu_memory_utilization; set "
-            "it to the longest prompt plus rl.grpo.max_completion_length (e.g. 1024 for ~315 visual + ~90 prompt "
-            "+ 512 completion tokens)")
+    if g.use_vllm:
+        check_vllm(g, trl.__version__)
     on_gpu = torch.cuda.is_available()
     return trl_config(GRPOConfig, dict(
         output_dir=str(checkpoints), use_cpu=not on_gpu, bf16=on_gpu, seed=g.seed,
@@ -165,6 +187,7 @@ def grpo_config(cfg: RLStageConfig, checkpoints: Path, reward_weights: list[floa
         num_train_epochs=g.epochs, max_steps=g.max_steps, learning_rate=g.learning_rate,
         lr_scheduler_type=g.lr_scheduler, beta=g.beta, epsilon=g.epsilon, epsilon_high=g.epsilon_high,
         num_iterations=g.num_iterations, loss_type=g.loss_type, temperature=g.temperature, top_p=g.top_p,
+        use_bias_correction_kl=False,  # the reference's k3 KL; trl's default weights it by the importance ratio
         max_completion_length=g.max_completion_length, reward_weights=reward_weights,
         gradient_checkpointing=g.gradient_checkpointing, use_vllm=g.use_vllm, vllm_mode=g.vllm_mode,
         logging_steps=g.logging_steps, save_strategy="steps", save_steps=g.save_steps, save_total_limit=1,
@@ -224,7 +247,7 @@ def rl(cfg: RLStageConfig, recorder: Recorder) -> dict:
 
     out = save_trained(trainer, processor, cfg.out_dir, base=cfg.model if cfg.grpo.mode == "lora" else None,
                        log_model=cfg.log_model)
-    finish(checkpoints)  # they only served to resume a killed run
+    finish(checkpoints, keep=cfg.keep_checkpoints)  # they only served to resume a killed run
 
     history = pd.DataFrame([h for h in trainer.state.log_history if "loss" in h])
     if distributed.is_main():
@@ -244,6 +267,7 @@ def rl(cfg: RLStageConfig, recorder: Recorder) -> dict:
     return {
         "heldout": heldout,
         "steps": int(trainer.state.global_step),
+        "resumed_from_step": trainer.resumed_from_step,  # 0: trained from the start
         "train_images": len(train),
         "reward": first_last("reward"),
         **{c.removeprefix("rewards/").removesuffix("/mean"): first_last(c) for c in reward_columns},
