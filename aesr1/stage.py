@@ -90,12 +90,12 @@ def numeric_metrics(metrics: dict) -> dict[str, float]:
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
 
 
-def _strict_json(value):
+def strict_json(value):
     """NaN and infinities become null: strict JSON, which every metrics reader parses."""
     if isinstance(value, dict):
-        return {k: _strict_json(v) for k, v in value.items()}
+        return {k: strict_json(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_strict_json(v) for v in value]
+        return [strict_json(v) for v in value]
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
@@ -103,7 +103,7 @@ def _strict_json(value):
 
 def write_metrics(path: Path, metrics: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_strict_json(metrics), indent=2, allow_nan=False) + "\n")
+    path.write_text(json.dumps(strict_json(metrics), indent=2, allow_nan=False) + "\n")
 
 
 def ddp_timeout(params_path: str | Path) -> int:

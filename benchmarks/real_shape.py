@@ -28,7 +28,7 @@ with its peak resident memory (sampled every 5 ms) above the memory with the mod
 3. sample: ``aesr1.policy.generation.sample``, one completion of 512 tokens with the recipe's
    evaluation decoding (temperature 0.6, top-p 0.7, top-k 50).
 
-Then the same figures from the memory model (``benchmarks/memory_model.py``) for this reduced
+Then the same figures from the memory model (``aesr1/doctor/memory.py``) for this reduced
 model on this CPU, beside the measurements, and the memory model of the full 7B recipe per GPU.
 
 ``--dtype`` defaults to bf16: this CPU has AVX512-BF16, where a bf16 forward runs ~2.4x faster
@@ -61,8 +61,9 @@ import pandas as pd
 import yaml
 from PIL import Image
 
+from aesr1.doctor import memory as mm
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import memory_model as mm  # noqa: E402
 from generation_memory import PeakMemory  # noqa: E402  (one peak-RSS sampler for the benchmarks)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -616,7 +617,7 @@ def main() -> None:
     print(measured_table(results, estimates, shape, compute_bytes, args))
     text, data = mm.report(recipe=dataclasses.replace(recipe, visual_tokens=visual, prompt_text_tokens=PROMPT_TOKENS))
     print()
-    print("Memory model of the full 7B recipe per GPU (benchmarks/memory_model.py):")
+    print("Memory model of the full 7B recipe per GPU (aesr1/doctor/memory.py):")
     print(text)
     results["memory_model_7b"] = data
     results["memory_model_reduced"] = {k: {"peak_above_weights": above_weights(e), "training_held": e.held,

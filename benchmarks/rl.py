@@ -7,7 +7,8 @@ Builds the trainer exactly as ``aesr1 rl`` does (params.yaml's rl section, the f
 override it), without MLflow and without saving checkpoints. trl generates once every
 ``num_iterations`` optimizer steps, so the script times whole cycles; the first is warm-up.
 On a GPU it trains as the stage does (fp32 weights, bf16 compute). Run it twice, with and without
---use-vllm, to compare generation back ends on the same machine.
+--use-vllm, to compare generation back ends on the same machine, once trl passes vLLM correct image
+prompts: on trl 1.16 the stage refuses use_vllm, and so does this script (docs/stages/rapo.md).
 """
 
 from __future__ import annotations

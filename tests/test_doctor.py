@@ -1,14 +1,11 @@
-"""``aesr1 doctor``: the checks on this CPU machine, each failure clear and fast, and ``--smoke --cpu``.
+"""``aesr1 doctor``: the checks on this CPU machine, each failure clear and fast (``--smoke``: tests/test_smoke.py).
 
 No test sends traffic beyond loopback: the hub is pointed at a closed 127.0.0.1 port (HF_ENDPOINT), the
 teacher and the MLflow server at a stub on 127.0.0.1 or a closed loopback port, and proxies are cleared.
 """
 
 import json
-import os
 import socket
-import subprocess
-import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -17,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import REPO, with_venv
+from conftest import REPO
 
-from aesr1 import doctor
+from aesr1.doctor import checks, cli, plan
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
@@ -87,7 +84,7 @@ class Stub:
 
 
 def project(tmp_path: Path, **changes) -> Path:
-    """A params file in tmp_path: the repository's, with ``changes`` (dotted keys) and its recipes beside it."""
+    """A params file in tmp_path: the repository's, with ``changes`` (dotted keys) and its configs beside it."""
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     for key, value in changes.items():
         holder = params
@@ -95,38 +92,36 @@ def project(tmp_path: Path, **changes) -> Path:
         for part in parents:
             holder = holder.setdefault(part, {})
         holder[last] = value
-    for folder in ("recipes", "accelerate"):
+    for folder in ("recipes", "accelerate", "deepspeed"):
         target = tmp_path / "configs" / folder
         target.mkdir(parents=True, exist_ok=True)
-        for source in (REPO / "configs" / folder).glob("*.yaml"):
+        for source in (REPO / "configs" / folder).glob("*.*"):
             (target / source.name).write_text(source.read_text())
-    (tmp_path / "configs" / "deepspeed").mkdir(exist_ok=True)
-    (tmp_path / "configs" / "deepspeed" / "zero3.json").write_text(json.dumps(doctor.ZERO3))
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     return path
 
 
-def check(name: str, params: Path, timeout: float = 10.0) -> doctor.Check:
-    return doctor.run_check(name, doctor.Context(params, timeout))
+def check(name: str, params: Path, timeout: float = 10.0) -> checks.Check:
+    return checks.run_check(name, checks.Context(params, timeout))
 
 
 @pytest.mark.skipif(ON_GPU, reason="the CPU-only expectations")
 def test_the_embedded_default_passes_on_this_cpu_machine_as_json_and_as_a_table(capsys):
-    status = doctor.main(["--params", str(REPO / "params.yaml"), "--json"])
+    status = cli.main(["--params", str(REPO / "params.yaml"), "--json"])
     report = json.loads(capsys.readouterr().out)
-    checks = {c["name"]: c for c in report["checks"]}
+    found = {c["name"]: c for c in report["checks"]}
     assert status == 0 and report["ok"] is True, report
-    assert list(checks) == list(doctor.CHECKS)
-    assert checks["torch"]["ok"] is True and torch.__version__ in checks["torch"]["detail"]
-    assert checks["cuda"]["ok"] is None and "CUDA not available" in checks["cuda"]["detail"]  # reported, not failed
-    assert checks["backbone"]["ok"] is True and checks["backbone"]["detail"].startswith("tiny")
-    assert checks["params"]["ok"] and checks["launcher"]["ok"] and checks["disk"]["ok"] and checks["mlflow"]["ok"]
-    assert "16 B" in checks["disk"]["detail"]  # the rule is stated
-    assert checks["teacher"]["ok"] is None and checks["vllm"]["ok"] is None and checks["deepspeed"]["ok"] is None
-    assert checks["dvc_remote"]["ok"] in (True, None)
+    assert list(found) == list(checks.CHECKS)
+    assert found["torch"]["ok"] is True and torch.__version__ in found["torch"]["detail"]
+    assert found["cuda"]["ok"] is None and "CUDA not available" in found["cuda"]["detail"]  # reported, not failed
+    assert found["backbone"]["ok"] is True and found["backbone"]["detail"].startswith("tiny")
+    assert found["params"]["ok"] and found["launcher"]["ok"] and found["disk"]["ok"] and found["mlflow"]["ok"]
+    assert "2 resumable checkpoints at once" in found["disk"]["detail"]  # the rule is stated
+    assert found["teacher"]["ok"] is None and found["vllm"]["ok"] is None and found["deepspeed"]["ok"] is None
+    assert found["dvc_remote"]["ok"] in (True, None)
 
-    assert doctor.main(["--params", str(REPO / "params.yaml"), "--skip", "dvc_remote,params"]) == 0
+    assert cli.main(["--params", str(REPO / "params.yaml"), "--skip", "dvc_remote,params"]) == 0
     out = capsys.readouterr().out
     assert "no check failed" in out and "skipped (--skip)" in out and "CUDA not available" in out
 
@@ -163,8 +158,8 @@ def test_a_hub_backbone_offline_fails_fast_and_says_what_to_do(tmp_path, monkeyp
     assert time.monotonic() - started < 5
     assert result.ok is False and "cannot reach the hub at http://127.0.0.1:" in result.detail
     assert "backbone.name_or_path" in result.detail
-    disk = check("disk", params)  # the size still comes without the network: the 7B's known count
-    assert "8.29B" in disk.detail and "the known size" in disk.detail
+    disk = check("disk", params)  # the size still comes without the network: the 7B's known shape
+    assert "8.29B" in disk.detail and "its shape: its config.json, known" in disk.detail
 
 
 def test_the_teacher_check_asks_the_endpoint_once_with_the_key(tmp_path, monkeypatch, capsys):
@@ -181,7 +176,7 @@ def test_the_teacher_check_asks_the_endpoint_once_with_the_key(tmp_path, monkeyp
         assert unserved.ok is False and "does not serve 'gpt-4.1'" in unserved.detail
 
         monkeypatch.setenv("DOCTOR_TEACHER_KEY", KEY[::-1])  # a key the endpoint rejects
-        assert doctor.main(["--params", str(params), "--skip", "params,dvc_remote,disk"]) == 1
+        assert cli.main(["--params", str(params), "--skip", "params,dvc_remote,disk"]) == 1
         out = capsys.readouterr()
         assert "rejects the key in DOCTOR_TEACHER_KEY" in out.out
         assert KEY not in out.out + out.err and KEY[::-1] not in out.out + out.err
@@ -198,7 +193,7 @@ def test_the_teacher_check_fails_fast_on_a_closed_port_and_without_its_key(tmp_p
     assert closed.ok is False and "cannot connect" in closed.detail and KEY not in closed.detail
 
     monkeypatch.delenv("DOCTOR_TEACHER_KEY")
-    status = doctor.main(["--params", str(params), "--json", "--skip", "params,dvc_remote,disk"])
+    status = cli.main(["--params", str(params), "--json", "--skip", "params,dvc_remote,disk"])
     report = json.loads(capsys.readouterr().out)
     teacher_record = next(c for c in report["checks"] if c["name"] == "teacher")
     assert status == 1 and report["ok"] is False
@@ -217,7 +212,7 @@ def test_the_mlflow_check_writes_sqlite_and_asks_a_server_its_health(tmp_path, m
         assert check("mlflow", params).ok is True
 
 
-EIGHT_GPUS = doctor.CudaInfo(True, 8, [{"index": i, "name": "NVIDIA H100 80GB HBM3", "memory_gib": 79.1,
+EIGHT_GPUS = checks.CudaInfo(True, 8, [{"index": i, "name": "NVIDIA H100 80GB HBM3", "memory_gib": 79.1,
                                         "capability": "sm_90"} for i in range(8)], True, "12.4")
 
 
@@ -233,32 +228,53 @@ EIGHT_GPUS = doctor.CudaInfo(True, 8, [{"index": i, "name": "NVIDIA H100 80GB HB
     ("accelerate launch --config_file configs/accelerate/zero3.yaml", 0, False),  # GPUs asked, none there
 ])
 def test_the_launcher_starts_one_process_per_visible_gpu(tmp_path, launcher, gpus, ok):
-    ctx = doctor.Context(project(tmp_path, launcher=launcher))
-    ctx.cuda = doctor.CudaInfo(True, gpus, EIGHT_GPUS.gpus[:gpus], True, "12.4") if gpus else doctor.CudaInfo(False)
-    result = doctor.run_check("launcher", ctx)
+    ctx = checks.Context(project(tmp_path, launcher=launcher))
+    ctx.cuda = checks.CudaInfo(True, gpus, EIGHT_GPUS.gpus[:gpus], True, "12.4") if gpus else checks.CudaInfo(False)
+    result = checks.run_check("launcher", ctx)
     assert result.ok is ok, result.detail
 
 
-def test_gpu_memory_and_disk_rules_for_a_7b_full_fine_tune(tmp_path, monkeypatch):
+def test_the_gpu_memory_check_is_the_planners_verdict(tmp_path, monkeypatch):
+    reference = checks.Context(project(tmp_path, recipe="qwen2.5-vl-7b"))
+    reference.cuda = EIGHT_GPUS
+    fits = checks.run_check("gpu_memory", reference)
+    assert fits.ok is True and "on 8 x 79.1 GiB" in fits.detail and "RL generation 40.5" in fits.detail
+    no_deepspeed = {"sft.train.trl": {"deepspeed": None}, "rl.grpo.trl": {"deepspeed": None}}
+    replicated = checks.Context(project(tmp_path, recipe="qwen2.5-vl-7b", **no_deepspeed))  # every GPU holds all
+    replicated.cuda = EIGHT_GPUS
+    too_big = checks.run_check("gpu_memory", replicated)
+    assert too_big.ok is False and "does not fit" in too_big.detail
+    assert 'sft.train.trl.deepspeed: "configs/deepspeed/zero3.json"' in too_big.detail  # the first change: ZeRO-3
+    one_gpu = checks.CudaInfo(True, 1, EIGHT_GPUS.gpus[:1], True, "12.4")
+    for host_gib, ok in ((64.0, False), (256.0, True)):  # the offloaded optimizer's 113.5 GiB in this machine's
+        monkeypatch.setattr(plan, "machine_memory_gib", lambda gib=host_gib: gib)
+        offloaded = checks.Context(project(tmp_path, recipe="qwen2.5-vl-7b-1gpu"))
+        offloaded.cuda = one_gpu
+        result = checks.run_check("gpu_memory", offloaded)
+        assert result.ok is ok and f"113.5 GiB of this machine's {host_gib:.0f} GiB" in result.detail
+    unknown = checks.Context(project(tmp_path, recipe="custom", **{"backbone.name_or_path": "org/unknown-vlm"}))
+    unknown.cuda = EIGHT_GPUS
+    skipped = checks.run_check("gpu_memory", unknown)
+    assert skipped.ok is None and "shape is unknown" in skipped.detail
+
+
+def test_the_disk_check_counts_the_two_checkpoints_that_coexist_while_saving(tmp_path, monkeypatch):
+    """The Trainer writes the next checkpoint before it deletes the last (save_total_limit 1): a 7B full fine-tune
+    needs 2 x 100.6 GiB (bf16 weights, fp32 master and AdamW moments of the 7.6B trained parameters) + 2 x 15.4
+    GiB (the bf16 sft and rl policies) + 1 GiB. 200 GiB free passed the old one-checkpoint rule (8.29B x (16 + 4 +
+    4) B + 1 GiB ~ 186 GiB)."""
     import collections
 
-    seven_b = {"recipe": "custom", "backbone.name_or_path": "Qwen/Qwen2.5-VL-7B-Instruct",
-               "launcher": "torchrun --standalone --nproc_per_node gpu"}
-    zero3 = {"sft.train.trl": {"deepspeed": "configs/deepspeed/zero3.json"},
-             "rl.grpo.trl": {"deepspeed": "configs/deepspeed/zero3.json"}}
-    sharded = doctor.Context(project(tmp_path, **seven_b, **zero3))
-    sharded.cuda = EIGHT_GPUS
-    fits = doctor.run_check("gpu_memory", sharded)
-    assert fits.ok is True and "ZeRO-3 over 8" in fits.detail  # 8.29B x 16 B / 8 GPUs ~ 15 GiB per GPU
-    replicated = doctor.Context(project(tmp_path, **seven_b))  # plain data parallel: all of it on every GPU
-    replicated.cuda = EIGHT_GPUS
-    too_big = doctor.run_check("gpu_memory", replicated)
-    assert too_big.ok is False and "use ZeRO-3" in too_big.detail
-
     usage = collections.namedtuple("usage", "total used free")
-    monkeypatch.setattr(doctor.shutil, "disk_usage", lambda path: usage(10 ** 12, 0, 150 * 2 ** 30))
-    disk = doctor.run_check("disk", sharded)  # 8.29B x (16 + 4 + 4) B + 1 GiB ~ 186 GiB
-    assert disk.ok is False and "NOT ENOUGH" in disk.detail and "16 B" in disk.detail
+    free = {"bytes": 200 * 2 ** 30}
+    monkeypatch.setattr(checks.shutil, "disk_usage", lambda path: usage(10 ** 13, 0, free["bytes"]))
+    full = project(tmp_path, recipe="qwen2.5-vl-7b")
+    disk = check("disk", full)
+    assert disk.ok is False and "need ~233.0 GiB (NOT ENOUGH)" in disk.detail and "full 100.6 GiB" in disk.detail
+    free["bytes"] = 300 * 2 ** 30
+    assert check("disk", full).ok is True
+    lora = check("disk", project(tmp_path, recipe="qwen2.5-vl-3b-24gb"))  # adapters: the bf16 policies dominate
+    assert lora.ok is True and "need ~15.8 GiB" in lora.detail and "lora 0.4 GiB" in lora.detail
 
 
 def test_a_missing_deepspeed_config_fails_the_deepspeed_check(tmp_path):
@@ -279,67 +295,3 @@ def test_the_deepspeed_check_runs_the_stages_own_checks_of_their_trl_configs(tmp
     failed = check("deepspeed", project(tmp_path, recipe="custom", **{"rl.grpo.trl": {"deepspeed": refused}}))
     assert failed.ok is False and "rl.grpo.trl.deepspeed (the mapping given): DeepSpeed refuses" in failed.detail
     assert "offload_param.device" in failed.detail and "sft.train" not in failed.detail
-
-
-def test_qwen_parameter_formula_matches_the_built_model():
-    s = doctor.QWEN25_VL_3B
-    assert doctor.qwen25vl_parameters(s.vocab_size, s.hidden_size, s.intermediate_size, s.layers, s.heads,
-                                      s.kv_heads, s.vision_hidden_size, s.vision_depth, s.vision_intermediate_size,
-                                      s.patch_size) == doctor.KNOWN_SIZES["qwen2.5-vl-3b"]
-
-
-@pytest.mark.skipif(ON_GPU, reason="on a GPU machine --smoke runs")
-def test_smoke_without_a_gpu_says_so_and_exits_2(capsys):
-    assert doctor.main(["--smoke"]) == 2
-    out = capsys.readouterr()
-    assert "needs a CUDA GPU" in out.err and json.loads(out.out)["ok"] is False
-    assert doctor.main(["--cpu"]) == 2  # --cpu alone is a usage error
-
-
-def test_smoke_cpu_trains_saves_reloads_and_generates(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # restored afterwards (--cpu sets it for the process)
-    started = time.monotonic()
-    status = doctor.main(["--smoke", "--cpu", "--smoke-dir", str(tmp_path / "smoke")])
-    report = json.loads(capsys.readouterr().out)
-    assert status == 0 and report["ok"] is True, report.get("error")
-    assert time.monotonic() - started < 60
-    assert report["device"] == "cpu" and report["world_size"] == 1 and report["zero3"] is False
-    s = doctor.TINY_SHAPE
-    assert report["parameters"] == doctor.qwen25vl_parameters(
-        s.vocab_size, s.hidden_size, s.intermediate_size, s.layers, s.heads, s.kv_heads, s.vision_hidden_size,
-        s.vision_depth, s.vision_intermediate_size, s.patch_size)
-    assert len(report["sft"]["step_s"]) == 1 and report["sft"]["loss"] > 0 and report["sft"]["save_s"] >= 0
-    assert len(report["rl"]["step_s"]) == 1 and report["rl"]["train_s"] > 0
-    generated = report["generate"]
-    assert generated["model_class"] == "Qwen2_5_VLForConditionalGeneration" and generated["completions"] == 2
-    assert generated["tokens"] > 0 and generated["generate_s"] > 0
-    assert report["memory"][0]["device"] == "cpu" and report["memory"][0]["peak_rss_gib"] > 0
-    assert "not yet been run" in report["note"]
-    for saved in ("random", "sft", "rl"):
-        assert (tmp_path / "smoke" / saved / "config.json").is_file()
-
-
-def test_smoke_cpu_under_zero3_runs_both_trainers_through_deepspeed(tmp_path):
-    """The GPU path's ZeRO-3 plumbing (the Trainer's deepspeed argument, 16-bit gathered saves, the reload
-    outside ZeRO-3) on DeepSpeed's CPU accelerator, one process, in its own interpreter (DeepSpeed leaves its
-    process group and environment behind)."""
-    pytest.importorskip("deepspeed")
-    env = with_venv({**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
-    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "ACCELERATE_USE_DEEPSPEED"):
-        env.pop(name, None)
-    done = subprocess.run([sys.executable, "-m", "aesr1.doctor", "--smoke", "--cpu", "--zero3", "on", "--smoke-dir",
-                           str(tmp_path / "smoke")], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads(done.stdout)
-    assert report["ok"] and report["zero3"] is True
-    assert report["sft"]["zero_stage"] == 3 and report["rl"]["zero_stage"] == 3  # as the trainers ran
-    assert report["generate"]["model_class"] == "Qwen2_5_VLForConditionalGeneration"
-
-
-def test_smoke_stops_at_its_time_limit_with_the_report_so_far(tmp_path):
-    env = with_venv({**os.environ, "CUDA_VISIBLE_DEVICES": ""})
-    done = subprocess.run([sys.executable, "-m", "aesr1.doctor", "--smoke", "--cpu", "--smoke-timeout", "1",
-                           "--smoke-dir", str(tmp_path / "smoke")], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=120)
-    report = json.loads(done.stdout)
-    assert done.returncode == 124 and report["ok"] is False and "timed out after 1 s in phase" in report["error"]

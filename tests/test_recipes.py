@@ -155,3 +155,61 @@ def test_the_7b_recipe_runs_zero3_through_the_trainer_under_any_launcher(params)
         assert config["zero_optimization"]["stage"] == 3
         assert config["train_micro_batch_size_per_gpu"] == "auto"  # from the Trainer: one home for the batch
         assert "num_processes" not in json.dumps(config)
+
+
+RECIPE_NAMES = sorted(p.stem for p in (REPO / "configs/recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", RECIPE_NAMES)
+def test_every_recipe_reads_as_the_stages_read_it_and_its_deepspeed_config_passes_their_checks(params, name,
+                                                                                                tmp_path):
+    """The trl configs the stages build from each recipe; a DeepSpeed config's values agree with the Trainer's."""
+    import contextlib
+
+    from aesr1.evaluation.evaluate import EvaluateConfig
+    from aesr1.policy.train import sft_config
+
+    write, _ = params
+    path = write(recipe=name)
+    load_section(path, "backbone", BackboneConfig)
+    load_section(path, "evaluate", EvaluateConfig)
+    sft, rl = load_section(path, "sft", SFTStageConfig), load_section(path, "rl", RLStageConfig)
+    with contextlib.chdir(tmp_path):  # the stages' root: the DeepSpeed file is relative to it
+        built = [sft_config(sft.train, tmp_path / "sft"), grpo_config(rl, tmp_path / "rl", [1.0], [])]
+    for options, args in zip((sft.train.trl, rl.grpo.trl), built):
+        if options.get("deepspeed"):
+            assert args.hf_deepspeed_config.is_zero3() and args.hf_deepspeed_config.mismatches == [], name
+
+
+def test_the_one_gpu_7b_recipe_offloads_the_optimizer_to_deepspeeds_cpu_adam(params, tmp_path):
+    import contextlib
+    import json
+
+    write, _ = params
+    rl = load_section(write(recipe="qwen2.5-vl-7b-1gpu"), "rl", RLStageConfig)
+    with contextlib.chdir(tmp_path):
+        args = grpo_config(rl, tmp_path / "rl", [1.0], [])
+    assert args.hf_deepspeed_config.is_offload() and args.ds3_gather_for_generation is False
+    config = json.loads((REPO / "configs/deepspeed/zero3_offload.json").read_text())
+    # without an optimizer in the config, DeepSpeed refuses the Trainer's torch AdamW under offload
+    assert config["optimizer"]["type"] == "AdamW"
+    assert config["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+
+
+@pytest.mark.parametrize("name, gpus", [("qwen2.5-vl-7b-1gpu", 1), ("qwen2.5-vl-3b-24gb", 1)])
+def test_the_smaller_tiers_keep_the_references_training_values_where_memory_allows(params, name, gpus):
+    """K, beta, clipping, temperature, completion length and SFT's batch per step as the reference's (8 GPUs); the
+    header says what else departs and why."""
+    write, _ = params
+    reference = {s: load_section(write(recipe="qwen2.5-vl-7b"), s, c) for s, c in (("sft", SFTStageConfig),
+                                                                                  ("rl", RLStageConfig))}
+    tier = {s: load_section(write(recipe=name), s, c) for s, c in (("sft", SFTStageConfig), ("rl", RLStageConfig))}
+    kept = ("num_generations", "beta", "epsilon", "epsilon_high", "loss_type", "temperature", "top_p",
+            "max_completion_length", "num_iterations", "epochs", "gradient_checkpointing", "freeze_vision")
+    for key in kept:
+        assert getattr(tier["rl"].grpo, key) == getattr(reference["rl"].grpo, key), (name, key)
+    ref_sft, sft = reference["sft"].train, tier["sft"].train
+    assert sft.batch_size * sft.grad_accum * gpus == ref_sft.batch_size * ref_sft.grad_accum * 8
+    assert tier["sft"].heldout == reference["sft"].heldout and tier["rl"].heldout == reference["rl"].heldout
+    header = (REPO / "configs/recipes" / f"{name}.yaml").read_text().split("\nbackbone:")[0]
+    assert "configs/recipes/qwen2.5-vl-7b.yaml" in header and "What it changes from the reference, and why" in header

@@ -1,8 +1,8 @@
 """DeepSpeed ZeRO-3 on CPU (2 gloo processes): the project's load, sampling, save and LoRA merge under a live
 ZeRO-3 config, as on GPU workers. The sft and rl stages' Trainers run under ZeRO-3 on one CPU process
-(``aesr1 doctor --smoke --cpu --zero3 on``, tests/test_doctor.py) but not on two: there accelerate counts one
-process where DeepSpeed counts two ("train_batch_size 4 != 2 * 1 * 1"), so the stages' multi-process ZeRO-3
-path is left to ``aesr1 doctor --smoke`` on GPUs."""
+(``aesr1 doctor --smoke --cpu --zero3 on``, tests/test_smoke.py; SFT with no launcher at all, below) but not on
+two: there accelerate counts one process where DeepSpeed counts two ("train_batch_size 4 != 2 * 1 * 1"), so the
+stages' multi-process ZeRO-3 path is left to ``aesr1 doctor --smoke`` on GPUs."""
 
 import json
 import os

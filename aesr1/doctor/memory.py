@@ -1,32 +1,31 @@
-"""Memory per GPU of the Qwen2.5-VL-7B recipe (SFT and RAPO, full or LoRA) under DeepSpeed ZeRO-3.
-
-    python benchmarks/memory_model.py [--gpus 8] [--json]
+"""The memory model: bytes per GPU of a Qwen2.5-VL run (SFT, RAPO, evaluation sampling; full or LoRA; ZeRO-3 or not).
 
 Pure arithmetic, no torch: every assumption is a named constant below with a one-line reason.
-``benchmarks/real_shape.py`` measures the same terms on a reduced-depth model at the real widths
-and prints them beside this model's figures for that reduced model, then this table.
+``aesr1 doctor --plan`` (:mod:`aesr1.doctor.plan`) applies it to a recipe's values on given GPUs;
+``benchmarks/real_shape.py`` measures the same terms on a reduced-depth model at the 7B's widths
+and prints them beside this model's figures for that reduced model, then :func:`report`.
 
 How a peak is assembled (all in bytes per GPU):
 
-- persistent: the ZeRO-3 partitions (weights, gradients, fp32 master, Adam moments, the
-  reference model) divided over the GPUs, plus the CUDA context;
+- persistent: the weights, gradients, fp32 master, Adam moments and the reference model, each
+  divided over the GPUs under ZeRO-3 (whole on every GPU without it), plus the CUDA context;
+  under ZeRO-Offload (``offload_optimizer``) the gradients, master and moments are in host
+  memory instead (:attr:`Estimate.host`), and the GPU keeps the bf16 weights;
 - training phase: what the backward holds throughout (ZeRO-3's gathered working set and reduce
   buckets, the checkpointed layer inputs: one hidden vector per token per layer, the vision
   tower's, the merger's and the LM head's saved tensors, the batch's inputs), plus the largest
   of the transients that come one after another (the LM head's backward: trl's chunked log-prob
   kernel, no full logits; one layer recomputed with its gradient buffers; one vision block
   likewise; the frozen vision tower's forward);
-- generation phase (RL only): trl gathers the whole bf16 model on every GPU for
-  ``generate`` (``ds3_gather_for_generation``), plus the KV cache of the generation batch and
-  the prefill's transient;
+- generation phase (RL only): under ZeRO-3 trl gathers the whole bf16 model on every GPU for
+  ``generate`` (``ds3_gather_for_generation``; off: one layer at a time, as in training), plus
+  the KV cache of the generation batch and the prefill's transient;
 - peak = persistent + max(training phase, generation phase).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 from dataclasses import dataclass, field
 
 GiB = 2**30
@@ -76,9 +75,11 @@ NAIVE_LOGIT_COPIES = 3  # fp32 logit-sized tensors alive in a plain loss's backw
 KV_BYTES = 2  # bf16 keys and values
 SAMPLING_BYTES_PER_LOGIT = 4 + 4 + 8 + 4  # per row and step: fp32 logits, softmax, int64 sort indices, sorted values
 
-# ---------------------------------------------------------------- GPUs
+# ---------------------------------------------------------------- GPUs and disk
 GPU_GIB = {"80GB": 79.6, "141GB": 140.4}  # nvidia-smi's totals: H100 80 GB (81,559 MiB), H200 141 GB (143,771 MiB)
 HEADROOM = 0.10  # keep 10% free for the allocator's fragmentation and spikes not modelled
+CHECKPOINTS_AT_ONCE = 2  # the Trainer writes the next checkpoint before it deletes the last (save_total_limit 1)
+SAVED_POLICY_BYTES = FROZEN_WEIGHT_BYTES  # a saved policy (sft, rl): bf16 safetensors
 
 
 @dataclass(frozen=True)
@@ -109,7 +110,9 @@ class Shape:
         return self.kv_heads * self.head_dim
 
 
-QWEN25_VL_7B = Shape()
+QWEN25_VL_7B = Shape()  # Qwen/Qwen2.5-VL-7B-Instruct's config.json (8,292,166,656 parameters on the meta device)
+QWEN25_VL_3B = Shape(hidden=2048, intermediate=11008, layers=36, heads=16, kv_heads=2, vocab=151_936,
+                     tied=True)  # Qwen/Qwen2.5-VL-3B-Instruct's config.json: the same vision tower, a tied head
 
 
 def text_layer_params(s: Shape) -> int:
@@ -237,12 +240,14 @@ class Setting:
     fused_head: bool = True  # trl's fused LM head (this environment's trl): log-probs in tiles, no full logits
     head_triton: bool = True  # a GPU: trl's Triton kernel scores the completion only, no fp32 tile temporaries
     gather_for_generation: bool = True  # trl's ds3_gather_for_generation
+    offload: bool = False  # DeepSpeed's offload_optimizer to the CPU: gradients, master and moments in host memory
     cuda_context_gib: float = CUDA_CONTEXT_GIB
 
 
 @dataclass
 class Estimate:
     persistent: dict[str, float] = field(default_factory=dict)
+    host: dict[str, float] = field(default_factory=dict)  # per process, in host memory (ZeRO-Offload): not on the GPU
     held: dict[str, float] = field(default_factory=dict)  # training: alive through the whole backward
     transient: dict[str, float] = field(default_factory=dict)  # training: one after another, the largest counts
     generation: dict[str, float] = field(default_factory=dict)
@@ -271,8 +276,9 @@ def estimate(s: Shape, st: Setting) -> Estimate:
         e.persistent["weights (bf16)"] = counts["total"] * FROZEN_WEIGHT_BYTES
     else:
         e.persistent["weights (bf16)"] = (trainable * TRAIN_WEIGHT_BYTES + frozen * FROZEN_WEIGHT_BYTES) / shards
-        e.persistent["gradients (fp32)"] = trainable * TRAIN_GRAD_BYTES / shards
-        e.persistent["master + Adam (fp32)"] = trainable * (MASTER_BYTES + ADAM_BYTES) / shards
+        optimizer = e.host if st.offload else e.persistent
+        optimizer["gradients (fp32)"] = trainable * TRAIN_GRAD_BYTES / shards
+        optimizer["master + Adam (fp32)"] = trainable * (MASTER_BYTES + ADAM_BYTES) / shards
         if st.stage == "rl" and st.beta > 0 and st.mode == "full":
             e.persistent["reference model (bf16)"] = counts["total"] * REF_WEIGHT_BYTES / shards
     e.persistent["CUDA context"] = st.cuda_context_gib * GiB
@@ -283,8 +289,7 @@ def estimate(s: Shape, st: Setting) -> Estimate:
     if st.stage != "eval":
         h, x = e.held, e.transient
         if st.zero3:
-            gathered = max(counts["embed"], counts["lm_head"]) + text_layer_params(s) + PREFETCH_BUCKET * s.hidden**2
-            h["ZeRO-3 gathered params"] = gathered * TRAIN_WEIGHT_BYTES
+            h["ZeRO-3 gathered params"] = zero3_working_set(s)
             h["ZeRO-3 reduce buckets"] = REDUCE_BUCKET * s.hidden**2 * 2 * REDUCE_BUCKET_COPIES
         per_layer = layer_activation_bytes(s, c, st.mode == "lora", st.lora_copy_bytes, st.lora_mask_bytes,
                                            st.expanded_kv)
@@ -330,8 +335,11 @@ def estimate(s: Shape, st: Setting) -> Estimate:
     seqs = {"rl": b.sequences * st.steps_per_generation, "eval": b.sequences}.get(st.stage, 0)
     if seqs:
         g = e.generation
-        if st.stage == "rl" and st.zero3 and st.gather_for_generation:
-            g["whole bf16 model gathered"] = counts["total"] * FROZEN_WEIGHT_BYTES
+        if st.stage == "rl" and st.zero3:
+            if st.gather_for_generation:
+                g["whole bf16 model gathered"] = counts["total"] * FROZEN_WEIGHT_BYTES
+            else:
+                g["ZeRO-3 gathered params"] = zero3_working_set(s)
         prompt = b.visual_tokens + b.prompt_text_tokens
         g["KV cache"] = seqs * (prompt + b.completion_tokens) * kv_bytes_per_token(s)
         prefill = seqs * prompt * c * (2 * s.intermediate + 4 * s.hidden)  # gate, up; q, attention out, residual x 2
@@ -341,6 +349,14 @@ def estimate(s: Shape, st: Setting) -> Estimate:
     return e
 
 
+def zero3_working_set(s: Shape) -> float:
+    """What ZeRO-3 holds gathered while it runs a partitioned model: the larger of the embedding and the head, one
+    decoder layer and the prefetch bucket (bf16)."""
+    counts = param_counts(s)
+    return (max(counts["embed"], counts["lm_head"]) + text_layer_params(s) + PREFETCH_BUCKET * s.hidden**2) \
+        * TRAIN_WEIGHT_BYTES
+
+
 def kv_bytes_per_token(s: Shape) -> int:
     """The KV cache of one token: keys and values of every layer's KV heads."""
     return s.layers * 2 * s.kv_dim * KV_BYTES
@@ -348,69 +364,107 @@ def kv_bytes_per_token(s: Shape) -> int:
 
 @dataclass(frozen=True)
 class Recipe:
-    """The batch shape of configs/recipes/qwen2.5-vl-7b.yaml (real_shape.py reads it from there)."""
+    """A run's batch shapes and memory choices, stage by stage. The defaults are configs/recipes/qwen2.5-vl-7b.yaml
+    on 8 GPUs; :func:`aesr1.doctor.plan.recipe` reads them from any params file."""
 
-    gpus: int = 8
+    gpus: int = 8  # ZeRO-3 partitions over them
     sft_batch: int = 8
+    sft_grad_accum: int = 1
     sft_checkpointing: bool = True
+    sft_mode: str = "full"
+    sft_zero3: bool = True
+    sft_offload: bool = False
     images_per_device: int = 8
     generations: int = 4
-    grad_accum: int = 2  # trl generates steps_per_generation = grad_accum micro-batches at once
+    grad_accum: int = 2
+    steps_per_generation: int | None = None  # trl's: micro-batches generated at once (None: grad_accum)
     rl_checkpointing: bool = True
+    rl_mode: str = "full"
+    rl_zero3: bool = True
+    rl_offload: bool = False
+    gather_for_generation: bool = True
     beta: float = 0.01
     completion_tokens: int = 512
     visual_tokens: int = 315
     prompt_text_tokens: int = 90
     eval_batch: int = 16
+    eval_completion_tokens: int = 512
     lora_r: int = 16
+    freeze_vision: bool = True
+
+    @property
+    def generated_at_once(self) -> int:
+        """Sequences one GPU generates in one ``generate`` call (trl: one micro-batch per step of a generation)."""
+        return self.images_per_device * self.generations * (self.steps_per_generation or self.grad_accum)
+
+
+def stage_setting(r: Recipe, stage: str, mode: str | None = None) -> Setting:
+    """Stage ``stage`` ("sft", "rl" or "eval") of ``r`` as a setting; ``mode`` in place of the recipe's."""
+    tokens = dict(visual_tokens=r.visual_tokens, prompt_text_tokens=r.prompt_text_tokens)
+    common = dict(gpus=r.gpus, lora_r=r.lora_r, freeze_vision=r.freeze_vision)
+    if stage == "sft":
+        return Setting("sft", mode or r.sft_mode, Batch(r.sft_batch, completion_tokens=r.completion_tokens, **tokens),
+                       zero3=r.sft_zero3, offload=r.sft_offload, gradient_checkpointing=r.sft_checkpointing, **common)
+    if stage == "rl":
+        return Setting("rl", mode or r.rl_mode,
+                       Batch(r.images_per_device * r.generations, completion_tokens=r.completion_tokens, **tokens),
+                       zero3=r.rl_zero3, offload=r.rl_offload, gradient_checkpointing=r.rl_checkpointing,
+                       beta=r.beta, generations=r.generations,
+                       steps_per_generation=r.steps_per_generation or r.grad_accum,
+                       gather_for_generation=r.gather_for_generation, **common)
+    return Setting("eval", "full", Batch(r.eval_batch, completion_tokens=r.eval_completion_tokens, **tokens),
+                   zero3=False, **common)
 
 
 def settings(r: Recipe) -> dict[str, Setting]:
-    """The recipe's four training settings and its evaluation sampling, keyed "stage/mode"."""
-    tokens = dict(visual_tokens=r.visual_tokens, prompt_text_tokens=r.prompt_text_tokens,
-                  completion_tokens=r.completion_tokens)
-    out = {}
-    for stage in ("sft", "rl"):
-        for mode in ("full", "lora"):
-            if stage == "sft":
-                out[f"sft/{mode}"] = Setting("sft", mode, Batch(r.sft_batch, **tokens), gpus=r.gpus,
-                                             gradient_checkpointing=r.sft_checkpointing, lora_r=r.lora_r)
-            else:
-                out[f"rl/{mode}"] = Setting("rl", mode, Batch(r.images_per_device * r.generations, **tokens),
-                                            gpus=r.gpus, gradient_checkpointing=r.rl_checkpointing, lora_r=r.lora_r,
-                                            beta=r.beta, generations=r.generations, steps_per_generation=r.grad_accum)
-    out["eval"] = Setting("eval", "full", Batch(r.eval_batch, **tokens), gpus=r.gpus)
+    """The recipe's SFT and RL in both modes and its evaluation sampling, keyed "stage/mode" (and "eval")."""
+    out = {f"{stage}/{mode}": stage_setting(r, stage, mode) for stage in ("sft", "rl") for mode in ("full", "lora")}
+    out["eval"] = stage_setting(r, "eval")
     return out
 
 
-def fits(peak: float, gpu: str) -> bool:
-    return peak <= GPU_GIB[gpu] * GiB * (1 - HEADROOM)
+def fits(peak: float, gpu_gib: float) -> bool:
+    """Whether ``peak`` bytes leave the headroom free on a GPU of ``gpu_gib``."""
+    return peak <= gpu_gib * GiB * (1 - HEADROOM)
 
 
-def images_that_fit(shape: Shape, st: Setting, gpu: str, most: int = 64) -> int:
-    """The most images per device (``st.generations`` sequences each) with which ``st`` fits ``gpu``; 0 if none."""
+def images_that_fit(shape: Shape, st: Setting, gpu_gib: float, most: int = 64) -> int:
+    """The most images per device (``st.generations`` sequences each) with which ``st`` fits; 0 if none."""
     best = 0
     for images in range(1, most + 1):
         batch = dataclasses.replace(st.batch, sequences=images * st.generations)
-        if not fits(estimate(shape, dataclasses.replace(st, batch=batch)).peak, gpu):
+        if not fits(estimate(shape, dataclasses.replace(st, batch=batch)).peak, gpu_gib):
             break
         best = images
     return best
+
+
+def checkpoint_bytes(s: Shape, mode: str, lora_r: int = 16, freeze_vision: bool = True) -> float:
+    """One resumable checkpoint: the bf16 weights (gathered whole on save) and the fp32 master weights and AdamW
+    moments of what trains (ZeRO-3's optimizer states); a LoRA one: the adapters with theirs."""
+    counts = param_counts(s)
+    states = MASTER_BYTES + ADAM_BYTES
+    if mode == "lora":
+        return lora_params(s, lora_r) * (TRAIN_WEIGHT_BYTES + states)
+    trainable = counts["text"] + (0 if freeze_vision else counts["vision"])
+    return counts["total"] * FROZEN_WEIGHT_BYTES + trainable * states
 
 
 REMEDIES = (
     "gradient checkpointing on (gradient_checkpointing: true): one layer's activations instead of 28",
     "fewer images per device (rl.grpo.images_per_device, sft.train.batch_size) with more grad_accum",
     "keep trl's fused LM head (no compute_loss_func / label smoothing): full logits are B x S x 152K x 4 bytes",
-    "ZeRO-3 optimizer offload (offload_optimizer_device: cpu): the 12 bytes/param of master + Adam leave the GPU",
+    "ZeRO-3 optimizer offload (configs/deepspeed/zero3_offload.json): the 16 bytes/param of gradients, master and "
+    "Adam leave the GPU",
     "LoRA (mode: lora): no gradients, master weights or reference model for the 8.3B base",
-    "vLLM, or ds3_gather_for_generation: false: generation without the whole model gathered on every GPU",
+    "ds3_gather_for_generation: false: generation without the whole model gathered on every GPU",
 )
 
 
 def table(shape: Shape, chosen: dict[str, Setting]) -> tuple[str, dict]:
     """The component x setting table in GiB, the peaks and the verdicts, and the same as a dict."""
     estimates = {k: estimate(shape, v) for k, v in chosen.items()}
+    gpus = next(iter(chosen.values())).gpus
     rows: list[tuple[str, str]] = []  # (section, component)
     for section in ("persistent", "held", "transient", "generation"):
         for e in estimates.values():
@@ -442,10 +496,10 @@ def table(shape: Shape, chosen: dict[str, Setting]) -> tuple[str, dict]:
     for gpu, gib in GPU_GIB.items():
         cells = []
         for k in keys:
-            ok = fits(estimates[k].peak, gpu)
+            ok = fits(estimates[k].peak, gib)
             verdicts.setdefault(k, {})[gpu] = ok
             cells.append(f"{'fits' if ok else 'NO':>11}")
-        lines.append(f"{f'fits 8 x {gpu} ({gib * (1 - HEADROOM):.0f} GiB usable)':<{width}}" + "".join(cells))
+        lines.append(f"{f'fits {gpus} x {gpu} ({gib * (1 - HEADROOM):.0f} GiB usable)':<{width}}" + "".join(cells))
     lines.append("[not added: a plain forward's fp32 logits, for comparison]")
     for name in ("naive logits B x S x V x 4", "naive logits, completion only"):
         cells = [f"{estimates[k].info[name] / GiB:>11.2f}" if name in estimates[k].info else f"{'-':>11}"
@@ -476,18 +530,19 @@ def variants(shape: Shape, r: Recipe) -> tuple[str, dict]:
     data = {}
     for name, st in cases.items():
         peak = estimate(shape, st).peak
-        data[name] = {"peak_gib": peak / GiB, "fits": {gpu: fits(peak, gpu) for gpu in GPU_GIB}}
+        data[name] = {"peak_gib": peak / GiB, "fits": {gpu: fits(peak, gib) for gpu, gib in GPU_GIB.items()}}
         line = f"{name:<30}{peak / GiB:>10.1f}" + "".join(f"{'fits' if ok else 'NO':>8}"
                                                           for ok in data[name]["fits"].values())
         if not all(data[name]["fits"].values()):
-            data[name]["images_that_fit"] = {gpu: images_that_fit(shape, st, gpu) for gpu in GPU_GIB}
+            data[name]["images_that_fit"] = {gpu: images_that_fit(shape, st, gib) for gpu, gib in GPU_GIB.items()}
             line += "   " + ", ".join(str(n) for n in data[name]["images_that_fit"].values())
         lines.append(line)
     return "\n".join(lines), data
 
 
 def report(shape: Shape = QWEN25_VL_7B, recipe: Recipe = Recipe()) -> tuple[str, dict]:
-    """The memory model's text (the table, the variants, the remedies when something does not fit) and data."""
+    """The 7B recipe's components in both modes (the table), the variants, and the remedies when something does
+    not fit; text and data. ``aesr1 doctor --plan`` gives a recipe's own verdict per phase."""
     counts = param_counts(shape)
     per_micro = recipe.images_per_device * recipe.generations
     head = (f"Qwen2.5-VL-7B: {counts['total'] / 1e9:.3f}B parameters (text {counts['text'] / 1e9:.3f}B, vision "
@@ -495,7 +550,7 @@ def report(shape: Shape = QWEN25_VL_7B, recipe: Recipe = Recipe()) -> tuple[str,
             f"ZeRO-3 over {recipe.gpus} GPUs.\nPer sequence {recipe.visual_tokens} visual + "
             f"{recipe.prompt_text_tokens} prompt + {recipe.completion_tokens} completion tokens; SFT batch "
             f"{recipe.sft_batch}/GPU; RL {recipe.images_per_device} images x K={recipe.generations} = {per_micro} "
-            f"sequences/GPU per micro-batch, {per_micro * recipe.grad_accum} generated at once (trl's "
+            f"sequences/GPU per micro-batch, {recipe.generated_at_once} generated at once (trl's "
             f"steps_per_generation = grad_accum {recipe.grad_accum}); evaluation sampling batch {recipe.eval_batch}.")
     text, data = table(shape, settings(recipe))
     vtext, vdata = variants(shape, recipe)
@@ -507,18 +562,3 @@ def report(shape: Shape = QWEN25_VL_7B, recipe: Recipe = Recipe()) -> tuple[str,
                   *[f"  - {remedy}" for remedy in REMEDIES]]
     return "\n".join(lines), {"parameters": counts, "lora_parameters": lora_params(shape, recipe.lora_r),
                               "recipe": dataclasses.asdict(recipe), "settings": data, "variants": vdata}
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--gpus", type=int, default=8)
-    parser.add_argument("--json", action="store_true", help="print the figures as JSON too")
-    args = parser.parse_args()
-    text, data = report(recipe=Recipe(gpus=args.gpus))
-    print(text)
-    if args.json:
-        print(json.dumps(data, indent=1, default=float))
-
-
-if __name__ == "__main__":
-    main()
