@@ -93,3 +93,22 @@ def shrink_params(root: Path) -> Path:
     override("evaluate.decoding", max_new_tokens=24, batch_size=16)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return root
+
+
+def project(tmp_path: Path, **changes) -> Path:
+    """A params file in tmp_path: the repository's, with ``changes`` (dotted keys) and its configs beside it."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    for key, value in changes.items():
+        holder = params
+        *parents, last = key.split(".")
+        for part in parents:
+            holder = holder.setdefault(part, {})
+        holder[last] = value
+    for folder in ("recipes", "accelerate", "deepspeed"):
+        target = tmp_path / "configs" / folder
+        target.mkdir(parents=True, exist_ok=True)
+        for source in (REPO / "configs" / folder).glob("*.*"):
+            (target / source.name).write_text(source.read_text())
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path

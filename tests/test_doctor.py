@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from conftest import REPO
+from conftest import REPO, project
 
 from aesr1.doctor import checks, cli, plan
 
@@ -81,25 +80,6 @@ class Stub:
     def __exit__(self, *exc):
         self.httpd.shutdown()
         self.httpd.server_close()
-
-
-def project(tmp_path: Path, **changes) -> Path:
-    """A params file in tmp_path: the repository's, with ``changes`` (dotted keys) and its configs beside it."""
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    for key, value in changes.items():
-        holder = params
-        *parents, last = key.split(".")
-        for part in parents:
-            holder = holder.setdefault(part, {})
-        holder[last] = value
-    for folder in ("recipes", "accelerate", "deepspeed"):
-        target = tmp_path / "configs" / folder
-        target.mkdir(parents=True, exist_ok=True)
-        for source in (REPO / "configs" / folder).glob("*.*"):
-            (target / source.name).write_text(source.read_text())
-    path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
-    return path
 
 
 def check(name: str, params: Path, timeout: float = 10.0) -> checks.Check:

@@ -2,12 +2,10 @@
 reads, and the docs' table it generates (pure arithmetic; models are built on the meta device only)."""
 
 import json
-import shutil
 
 import pytest
 import torch
-import yaml
-from conftest import REPO
+from conftest import REPO, project
 
 from aesr1.doctor import cli, memory, plan
 
@@ -19,20 +17,7 @@ OFFLOAD = "configs/deepspeed/zero3_offload.json"
 @pytest.fixture
 def params(tmp_path):
     """The project's params.yaml in tmp_path with its configs/ beside it, dotted keys changed on request."""
-    shutil.copytree(REPO / "configs", tmp_path / "configs")
-
-    def write(**changes):
-        data = yaml.safe_load((REPO / "params.yaml").read_text())
-        for key, value in changes.items():
-            holder = data
-            *parents, last = key.split(".")
-            for part in parents:
-                holder = holder.setdefault(part, {})
-            holder[last] = value
-        path = tmp_path / "params.yaml"
-        path.write_text(yaml.safe_dump(data, sort_keys=False))
-        return str(path)
-    return write
+    return lambda **changes: str(project(tmp_path, **changes))
 
 
 def planned(capsys, *argv: str) -> tuple[int, dict]:
