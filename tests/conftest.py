@@ -25,6 +25,25 @@ def _isolated_tracking(tmp_path, monkeypatch):
     monkeypatch.delenv(environment.DVC_ROOT, raising=False)
 
 
+LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(autouse=True)
+def _no_process_group_left_behind():
+    """A test that builds a trainer under DeepSpeed makes a one-process group in this process (launcher
+    variables set, a port held): end it afterwards, so the stages later tests start as subprocesses do not
+    inherit a launcher's environment whose port is taken."""
+    before = {name: os.environ.get(name) for name in LAUNCHER_VARIABLES}
+    yield
+    if "torch" in sys.modules and sys.modules["torch"].distributed.is_initialized():
+        sys.modules["torch"].distributed.destroy_process_group()
+    for name, value in before.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
 def write_jpeg(path: Path, value: int = 128, size: int = 16) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.full((size, size, 3), value, np.uint8)).save(path)
