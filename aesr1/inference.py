@@ -121,15 +121,18 @@ def check_image(image: Image.Image, processor, name: str | Path) -> None:
     """An :class:`AesError` naming ``name`` unless the policy's image processor reads ``image`` on its own.
 
     Qwen's processor refuses an image whose aspect ratio is over 200; in a batch, that would stop every
-    other image's scoring too, so each image is checked alone first.
+    other image's scoring too, so each image is checked alone first. Qwen's token count also grows past the
+    budget for a very long image, which is logged; a fixed-size or tiled family's (Gemma 3, SmolVLM) does not.
     """
     if processor is None:
         return
     images = processor.image_processor
     try:
-        grid = images(images=[image], return_tensors="pt")["image_grid_thw"]
+        grid = images(images=[image], return_tensors="pt").get("image_grid_thw")
     except Exception as error:
         raise AesError(f"cannot process image {name} ({image.width} x {image.height}): {error}") from error
+    if grid is None:
+        return
     tokens = int(grid.prod()) // images.merge_size ** 2
     budget = images.size["longest_edge"] // (images.patch_size * images.merge_size) ** 2
     if tokens > budget:  # Qwen's resize keeps each side at least one token wide: an aspect ratio over the budget

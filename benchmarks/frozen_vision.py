@@ -80,7 +80,7 @@ def main() -> None:
     for name, param in model.named_parameters():  # frozen weights only: what freeze_vision did before
         if ".visual." in f".{name}":
             param.requires_grad_(False)
-    net = get_peft_model(model, lora_config(TrainConfig(mode="lora")))
+    net = get_peft_model(model, lora_config(TrainConfig(mode="lora"), model))
     net.train()
     net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     net.enable_input_require_grads()  # what trl's trainers call for LoRA with checkpointing

@@ -20,7 +20,7 @@ with its peak resident memory (sampled every 5 ms) above the memory with the mod
 
 0. probe: one plain forward + backward (LoRA, no checkpointing) of one SFT sequence, with
    autograd's saved tensors counted per decoder layer and the LM head's logits measured;
-1. sft: ``aesr1.policy.train.fit`` (trl's SFTTrainer), LoRA r 16 on the project's LORA_TARGETS,
+1. sft: ``aesr1.policy.train.fit`` (trl's SFTTrainer), LoRA r 16 on the language model's LORA_PROJECTIONS,
    gradient checkpointing as in the recipe, ``--sft-batch`` trajectories of ~512 tokens per step;
 2. rl: ``aesr1.rl.rl.build_trainer`` (trl's GRPOTrainer with the project's rewards), LoRA,
    ``--rl-images`` images x K = 4 completions of 512 tokens per step, beta 0.01 (the reference
@@ -372,7 +372,7 @@ def probe(model, processor, photo: str, trajectory: str, mode: str) -> dict:
     labels = inputs["input_ids"].clone()
     labels[:, :prompt_length] = -100
     freeze_vision(model)
-    net = get_peft_model(model, lora_config(TrainConfig(mode="lora"))) if mode == "lora" else model
+    net = get_peft_model(model, lora_config(TrainConfig(mode="lora"), model)) if mode == "lora" else model
     net.enable_input_require_grads()
     net.train()
     saved = SavedTensors(net)

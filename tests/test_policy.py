@@ -250,8 +250,8 @@ def test_a_lora_adapter_merges_into_the_base_in_the_bases_own_dtype(tmp_path, ti
     folder, _ = tiny_backbone
     base = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.bfloat16)
     base.save_pretrained(tmp_path / "bf16")
-    adapted = get_peft_model(AutoModelForImageTextToText.from_pretrained(tmp_path / "bf16", dtype=torch.float32),
-                             lora_config(TrainConfig(mode="lora", lora_r=4)))
+    fp32 = AutoModelForImageTextToText.from_pretrained(tmp_path / "bf16", dtype=torch.float32)
+    adapted = get_peft_model(fp32, lora_config(TrainConfig(mode="lora", lora_r=4), fp32))
     adapted.save_pretrained(tmp_path / "adapter")
     merge_adapter(tmp_path / "bf16", tmp_path / "adapter", tmp_path / "merged")
     merged = AutoModelForImageTextToText.from_pretrained(tmp_path / "merged", dtype="auto")

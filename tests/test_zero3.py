@@ -37,7 +37,7 @@ def test_zero3_partitions_samples_saves_gathered_and_merges_lora_without_hanging
     base = tmp_path / "backbone"
     whole, processor = load_policy(base, training="full")
     torch.manual_seed(0)
-    lora = get_peft_model(whole, lora_config(TrainConfig(mode="lora", lora_r=4)))
+    lora = get_peft_model(whole, lora_config(TrainConfig(mode="lora", lora_r=4), whole))
     for name, param in lora.named_parameters():
         if "lora_B" in name:
             param.data.normal_(0, 0.05)  # a trained adapter changes the weights

@@ -1,4 +1,4 @@
-"""The backbone stage: a real VLM (hub id or folder) as is, or the tiny Qwen2.5-VL testbed.
+"""The backbone stage: a real VLM (hub id or folder) as is, or the tiny testbed of a VLM family.
 
 ``tiny`` builds the same model class as the paper's backbone from a small config
 (:mod:`aesr1.backbone.tiny`), then gives it a short generic vision-language pretraining on
@@ -7,7 +7,9 @@ the part of a pretrained MLLM that has never learned aesthetics. It is saved wit
 ``save_pretrained``, so later stages load it exactly like a downloaded model.
 
 For a real backbone nothing is built or copied: the stage checks that the model's config
-and processor load and writes ``backbone.json`` pointing at it (``aesr1.policy.generation.resolve_model``).
+and processor load, that its family is one the policy code handles (:mod:`aesr1.policy.families`:
+its vision tower and projector found, else it stops naming what is missing), and writes
+``backbone.json`` pointing at it (``aesr1.policy.generation.resolve_model``).
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ from typing import TYPE_CHECKING
 from aesr1.backbone.pretrain import DESCRIBE_PROMPT, PretrainConfig, pretraining_images
 from aesr1.backbone.tiny import TinyModelConfig, build_tiny
 from aesr1.config import config
-from aesr1.images import MAX_PIXELS, set_pixel_budget
+from aesr1.images import MAX_PIXELS
 from aesr1.policy.data import sft_dataset
+from aesr1.policy.families import check_model, family, set_image_budget, trl_chat_template
 from aesr1.policy.generation import POINTER
 from aesr1.policy.train import fit
 from aesr1.policy.trainer import finish, run_fingerprint, save_trained
@@ -48,27 +51,49 @@ class BackboneConfig:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
 
 
-def pixel_budget(cfg: BackboneConfig) -> int:
+def pixel_budget(cfg: BackboneConfig, model_type: str | None = None) -> int | None:
     """The most pixels of an image the policy sees: ``max_pixels``, or (None) what the model was trained on.
 
     The tiny model is pretrained on ``tiny.image_size`` x ``tiny.image_size`` images only, so its budget
     is that many pixels: a photo of any size is read at about that size, with the visual tokens it was
-    trained on (64 x 64: 16 tokens at patch 8, 2 x 2 merged), not hundreds it never saw. A real backbone's
-    is the reference's :data:`aesr1.images.MAX_PIXELS` (~315 Qwen2.5-VL tokens).
+    trained on (64 x 64: 16 tokens at patch 8, 2 x 2 merged), not hundreds it never saw. A real backbone of
+    a pixel-budget family (Qwen; ``model_type`` None: one of them) gets the reference's
+    :data:`aesr1.images.MAX_PIXELS` (~315 Qwen2.5-VL tokens); of another family, None: its processor's own
+    (Gemma 3's fixed square, SmolVLM's tiles).
     """
     if cfg.max_pixels is not None:
         return cfg.max_pixels
-    return cfg.tiny.image_size ** 2 if cfg.name_or_path == "tiny" else MAX_PIXELS
+    if cfg.name_or_path == "tiny":
+        return cfg.tiny.image_size ** 2
+    return MAX_PIXELS if model_type is None or family(model_type).budget == "pixels" else None
 
 
-def with_pixel_budget(processor, cfg: BackboneConfig):
-    """``processor`` set to the backbone's budget (``min_pixels``, :func:`pixel_budget`), as the stage saves it."""
-    budget, trained = pixel_budget(cfg), cfg.tiny.image_size ** 2
+def with_pixel_budget(processor, cfg: BackboneConfig, model_type: str | None = None):
+    """``processor`` set to the backbone's budget (``min_pixels``, :func:`pixel_budget`) in its family's terms
+    (:func:`aesr1.policy.families.set_image_budget`), as the stage saves it; ``model_type`` is the real
+    backbone's (the tiny one's is ``tiny.family``)."""
+    if cfg.name_or_path == "tiny":
+        model_type = cfg.tiny.family
+    elif model_type is None:
+        raise ValueError("with_pixel_budget: a real backbone's model_type is needed")
+    budget, trained = pixel_budget(cfg, model_type), cfg.tiny.image_size ** 2
     if cfg.name_or_path == "tiny" and budget > trained:
         log.warning("backbone.max_pixels %d is above the %d pixels of the tiny model's %d x %d training images: "
                     "larger images get more visual tokens than it was trained on (null: its trained budget)",
                     budget, trained, cfg.tiny.image_size, cfg.tiny.image_size)
-    return set_pixel_budget(processor, cfg.min_pixels, budget)
+    return set_image_budget(processor, model_type, cfg.min_pixels, budget)
+
+
+def policy_processor(processor, cfg: BackboneConfig, model_type: str):
+    """A real backbone's processor as the policy uses it: at the backbone's pixel budget, with the family's chat
+    template where the model's own does not work for the policy (:class:`aesr1.policy.families.Family`)."""
+    with_pixel_budget(processor, cfg, model_type)
+    kind = family(model_type)
+    if not kind.own_template_works:
+        log.info("%s: the policy's chat template is trl's %s (%s's own re-renders the <think> block)",
+                 cfg.name_or_path, kind.chat_template, kind.name)
+        processor.chat_template = trl_chat_template(kind.chat_template)
+    return processor
 
 
 def backbone(cfg: BackboneConfig, recorder: Recorder) -> dict:
@@ -78,15 +103,18 @@ def backbone(cfg: BackboneConfig, recorder: Recorder) -> dict:
         from transformers import AutoConfig, AutoProcessor
 
         config_ = AutoConfig.from_pretrained(cfg.name_or_path)
-        processor = with_pixel_budget(AutoProcessor.from_pretrained(cfg.name_or_path), cfg)
+        found = check_model(config_)  # an unsupported family stops here, before any training
+        processor = policy_processor(AutoProcessor.from_pretrained(cfg.name_or_path), cfg, config_.model_type)
         processor.save_pretrained(out)  # the folder's processor: the model's, with the budget
         (out / POINTER).write_text(json.dumps({"name_or_path": cfg.name_or_path}, indent=1))
-        return {"kind": "pretrained", "model_type": config_.model_type}
+        return {"kind": "pretrained", "model_type": config_.model_type, "vision_tower": found.vision_tower,
+                "projectors": ",".join(found.projectors)}
 
     model, processor = build_tiny(cfg.tiny, cfg.pretrain.seed)
     with_pixel_budget(processor, cfg)
     params = sum(p.numel() for p in model.parameters())
-    log.info("tiny Qwen2.5-VL: %.2fM parameters, vocabulary %d", params / 1e6, len(processor.tokenizer))
+    log.info("tiny %s: %.2fM parameters, vocabulary %d", family(cfg.tiny.family).name, params / 1e6,
+             len(processor.tokenizer))
     checkpoints = Path(cfg.checkpoint_root) / f"backbone-{run_fingerprint(cfg)}"
     with tempfile.TemporaryDirectory() as tmp:
         images = pretraining_images(cfg.pretrain, cfg.tiny.image_size, Path(tmp))
@@ -98,6 +126,6 @@ def backbone(cfg: BackboneConfig, recorder: Recorder) -> dict:
     state = trainer.state
     losses = [h["loss"] for h in state.log_history if "loss" in h]
     recorder.table("pretraining_samples.json", images.head(20)[["description"]])
-    return {"kind": "tiny", "parameters": params, "vocab_size": len(processor.tokenizer),
+    return {"kind": "tiny", "model_type": cfg.tiny.family, "parameters": params, "vocab_size": len(processor.tokenizer),
             "pretrain_samples": len(images), "pretrain_loss_first": losses[0] if losses else None,
             "pretrain_loss_last": losses[-1] if losses else None}

@@ -155,7 +155,7 @@ def merger_activation_bytes(s: Shape, compute_bytes: int) -> float:
 
 
 def lora_params(s: Shape, r: int) -> int:
-    """LoRA A and B on q, k, v, o, gate, up, down of every decoder layer (the project's LORA_TARGETS)."""
+    """LoRA A and B on q, k, v, o, gate, up, down of every decoder layer (aesr1.policy.families.LORA_PROJECTIONS)."""
     h, kv, i = s.hidden, s.kv_dim, s.intermediate
     per_layer = r * ((h + h) + 2 * (h + kv) + (h + h) + 2 * (h + i) + (i + h))
     return s.layers * per_layer

@@ -4,7 +4,7 @@ A GPU run's first failures are in the stages' own code under the recipe's settin
 ``--smoke`` reads the params (``--params``, recipe applied as the stages apply it) and saves a random-weight model
 of the recipe's backbone: a hub model's or folder's own config (``AutoConfig``; widths, vocabulary, the tied or
 untied head as they are; no weights needed) at ``--layers`` text layers and vision blocks (default 2), with its
-own processor (``AutoProcessor``) at the recipe's pixel budget (:func:`aesr1.backbone.backbone.with_pixel_budget`);
+own processor (``AutoProcessor``) at the recipe's pixel budget (:func:`aesr1.backbone.backbone.policy_processor`);
 for the ``tiny`` recipe the backbone stage's model (:func:`aesr1.backbone.tiny.build_tiny`) at the recipe's size,
 unpretrained. It writes synthetic photos of six aspect ratios at twice the pixel budget (the processor resizes
 them), an SFT corpus with trajectories of about the RL completion length, an RL and a test manifest, and a params
@@ -95,11 +95,14 @@ def reduced_config(config, layers: int):
     """``config`` with ``layers`` text layers and vision blocks; every other value (widths, vocabulary, the tied
     or untied head) as it is. Per-layer lists are cut to the new depth, and the vision blocks' index lists
     (Qwen2.5-VL's full-attention blocks) keep the indexes below it, or the last block, so both attention kinds
-    still run."""
+    still run; so do both kinds of text layer (Qwen3.5's linear and full attention, Gemma 3's sliding and full):
+    a kind the cut leaves out takes the last layers' places."""
     text = config.get_text_config()
     text.num_hidden_layers = layers
     if isinstance(getattr(text, "layer_types", None), list):
-        text.layer_types = text.layer_types[:layers]
+        kinds, kept = list(dict.fromkeys(text.layer_types)), text.layer_types[:layers]
+        missing = [kind for kind in kinds if kind not in kept][:max(layers - 1, 0)]
+        text.layer_types = kept[:layers - len(missing)] + missing
     vision = config.vision_config
     blocks = min(layers, getattr(vision, vision_depth(vision)))
     setattr(vision, vision_depth(vision), blocks)
@@ -115,11 +118,13 @@ def build_model(backbone, layers: int | None, out: Path, on_gpu: bool) -> tuple[
     import torch
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
-    from aesr1.backbone.backbone import with_pixel_budget
+    from aesr1.backbone.backbone import policy_processor, with_pixel_budget
     from aesr1.backbone.tiny import build_tiny
+    from aesr1.policy.families import check_model, image_pixels
 
     if backbone.name_or_path == "tiny":
         model, processor = build_tiny(backbone.tiny, seed=0)  # the backbone stage's model, before its pretraining
+        with_pixel_budget(processor, backbone)
     else:
         name = backbone.name_or_path
         try:
@@ -131,12 +136,13 @@ def build_model(backbone, layers: int | None, out: Path, on_gpu: bool) -> tuple[
                 f"hub cannot be reached ({type(err).__name__}: {str(err).splitlines()[0][:160]}): where there is "
                 f"network, `hf download {name} --exclude '*.safetensors'` (the smoke test needs no weights), or set "
                 f"backbone.name_or_path to a local folder") from None
+        check_model(config)  # an unsupported family stops here, as it stops the backbone stage
+        policy_processor(processor, backbone, config.model_type)
         config = reduced_config(config, layers or LAYERS)
         dtype = config.dtype if isinstance(config.dtype, torch.dtype) else torch.bfloat16  # as the hub saves it
         with torch.random.fork_rng(devices=[]), torch.device("cuda" if on_gpu else "cpu"):
             torch.manual_seed(0)
             model = AutoModelForImageTextToText.from_config(config, dtype=dtype)
-    with_pixel_budget(processor, backbone)
     model.save_pretrained(out)
     processor.save_pretrained(out)
     text, vision, size = model.config.get_text_config(), model.config.vision_config, processor.image_processor.size
@@ -144,8 +150,8 @@ def build_model(backbone, layers: int | None, out: Path, on_gpu: bool) -> tuple[
              "layers": text.num_hidden_layers, "vision_blocks": getattr(vision, vision_depth(vision)),
              "hidden_size": text.hidden_size, "vocab_size": text.vocab_size,
              "tied_head": model.get_output_embeddings().weight is model.get_input_embeddings().weight,
-             "processor": type(processor).__name__, "min_pixels": size["shortest_edge"],
-             "max_pixels": size["longest_edge"]}
+             "model_type": model.config.model_type, "processor": type(processor).__name__, "image_size": dict(size),
+             "max_pixels": image_pixels(processor, model.config.model_type)}
     del model
     return built, processor
 
@@ -163,7 +169,7 @@ def trajectory_text(tokenizer, tokens: int) -> str:
     return critique.strip()
 
 
-def write_data(folder: Path, processor, sft, rl, world: int) -> dict:
+def write_data(folder: Path, processor, model_type: str, sft, rl, world: int) -> dict:
     """Photos above the pixel budget; the SFT corpus (one optimizer step's trajectories, of about the RL completion
     length), the RL manifest (one generation batch's images, as many per score band) and the test manifest
     (``HELDOUT_PER_PROCESS`` per process of every held-out dataset), over those photos."""
@@ -171,11 +177,12 @@ def write_data(folder: Path, processor, sft, rl, world: int) -> dict:
     import pandas as pd
     from PIL import Image
 
+    from aesr1.policy.families import image_pixels
     from aesr1.trajectory import make_trajectory
 
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
-    budget = processor.image_processor.size["longest_edge"]
+    budget = image_pixels(processor, model_type)
     photos, sizes = [], []
     for i, (wide, high) in enumerate(ASPECTS):
         width = round(math.sqrt(OVER_BUDGET * budget * wide / high))
@@ -452,7 +459,7 @@ def run_all(report: dict, params_path: Path, here: Path, layers: int | None, zer
         (here / f"params-{other}.yaml").write_text(yaml.safe_dump(
             in_mode(yaml.safe_load((here / "params.yaml").read_text()), other), sort_keys=False))
         report["model"], processor = build_model(backbone, layers, here / "backbone", on_gpu)
-        report["data"] = write_data(here / "data", processor, sft, rl, world)
+        report["data"] = write_data(here / "data", processor, report["model"]["model_type"], sft, rl, world)
         planned, why = planned_peaks(here / "params.yaml", world, phases)
         if why:
             report["planned_note"] = f"no planned peak: {why}"

@@ -184,11 +184,20 @@ def sample(model, processor, images: list, n: int = 1, temperature: float = 1.0,
     return Sampled(texts, entropy_sum / token_count if token_count else math.nan, token_count, np.array(expected))
 
 
+def end_of_turn_ids(model) -> list[int]:
+    """The token ids that end the policy's turn: the model's generation config's ``eos_token_id`` (Qwen's
+    ``<|im_end|>``, Gemma 3's ``<end_of_turn>``, SmolVLM's ``<end_of_utterance>``; a hub model may list several)."""
+    eos = model.generation_config.eos_token_id
+    if eos is None:
+        raise ValueError("the model's generation_config has no eos_token_id: the end of its turn is unknown")
+    return [eos] if isinstance(eos, int) else list(eos)
+
+
 def _sample_here(model, processor, jobs, filler, temperature, top_p, top_k, max_new_tokens, batch_size, do_sample,
                  prompt_text, batches):
     prompt = processor.apply_chat_template(prompt_messages(prompt_text), add_generation_prompt=True, tokenize=False)
     tokenizer = processor.tokenizer
-    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    eos = end_of_turn_ids(model)
     pad = tokenizer.pad_token_id
     digit_ids = tokenizer.convert_tokens_to_ids(DIGITS)
     texts: list[str] = []
@@ -201,7 +210,9 @@ def _sample_here(model, processor, jobs, filler, temperature, top_p, top_k, max_
     for start in starts:
         chunk = jobs[start:start + batch_size] if start is not None else filler
         pixels = [load_image(image) for image in chunk]
-        inputs = processor(text=[prompt] * len(chunk), images=pixels, return_tensors="pt", padding=True)
+        # one list of images per prompt: Gemma 3's and SmolVLM's processors pair them so (Qwen's flattens them)
+        inputs = processor(text=[prompt] * len(chunk), images=[[image] for image in pixels], return_tensors="pt",
+                           padding=True)
         inputs = inputs.to(model.device)
         steps = StepLogits(temperature if do_sample else 1.0, digit_ids)
         hook = model.get_output_embeddings().register_forward_hook(steps)
@@ -217,7 +228,8 @@ def _sample_here(model, processor, jobs, filler, temperature, top_p, top_k, max_
             continue
         new = sequences[:, inputs["input_ids"].shape[1]:].cpu()
         # tokens up to and including the first end-of-turn count; padding after it does not
-        finished_before = torch.cumsum((new == eos).int(), dim=1) - (new == eos).int()
+        ended = torch.isin(new, torch.tensor(eos)).int()
+        finished_before = torch.cumsum(ended, dim=1) - ended
         mask = finished_before == 0
         step_entropy = torch.stack(steps.entropy, 1)[:, :new.shape[1]]
         digit_logits = torch.stack(steps.digits, 1)[:, :new.shape[1]]

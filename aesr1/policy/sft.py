@@ -20,7 +20,7 @@ from aesr1.policy.data import sft_dataset
 from aesr1.policy.generation import load_processor
 from aesr1.policy.probe import HeldoutConfig, heldout_images, probe
 from aesr1.policy.train import TrainConfig, fit
-from aesr1.policy.trainer import finish, free_optimizer, run_fingerprint, save_trained
+from aesr1.policy.trainer import finish, free_optimizer, parameter_counts, run_fingerprint, save_trained
 
 if TYPE_CHECKING:  # the model code runs without MLflow too (benchmarks on a bare GPU machine)
     from aesr1.stage import Recorder
@@ -66,6 +66,7 @@ def sft(cfg: SFTStageConfig, recorder: Recorder) -> dict:
         "train_samples": len(corpus),
         "steps": int(state.global_step),
         "resumed_from_step": trainer.resumed_from_step,  # 0: trained from the start
+        **parameter_counts(trainer.model),  # a vision tower left unfrozen shows here
         "loss_first": losses[0] if losses else math.nan,
         "loss_last": losses[-1] if losses else math.nan,
         "train_runtime_s": train_stats.get("train_runtime", math.nan),

@@ -78,7 +78,8 @@ def fit(model, processor, dataset: Dataset, cfg: TrainConfig, checkpoint_dir: Pa
     if cfg.freeze_vision:
         log.info("froze %d vision parameters", freeze_vision(model))
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=processor,
-                         peft_config=lora_config(cfg), callbacks=[StepProgress(progress_name), *(callbacks or [])])
+                         peft_config=lora_config(cfg, model),
+                         callbacks=[StepProgress(progress_name), *(callbacks or [])])
     quiet(trainer)
     trainer.train(resume_from_checkpoint=resume(trainer, checkpoint_dir, cfg.mode))
     return trainer

@@ -24,15 +24,13 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from aesr1 import distributed
 from aesr1.config import ParamsError
+from aesr1.policy.families import lora_targets, vision_modules
 
 log = logging.getLogger(__name__)
 
-# language-model projections only: the vision tower has MLPs with the same names
-LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
-
-
 def freeze_vision(model) -> int:
-    """Freeze the vision tower and its merger (the projector); return the frozen parameter count.
+    """Freeze the vision tower and its projector (:func:`aesr1.policy.families.parts`); return the frozen
+    parameter count.
 
     The tower also runs without autograd. Frozen weights alone do not stop backward from
     running through it: with gradient checkpointing or adapters, transformers makes the
@@ -41,16 +39,28 @@ def freeze_vision(model) -> int:
     image and keeps their checkpointed inputs (benchmarks/frozen_vision.py).
     """
     frozen = 0
-    for name, param in model.named_parameters():
-        if ".visual." in f".{name}":
+    for module in vision_modules(model):
+        for param in module.parameters():
             param.requires_grad_(False)
-            frozen += getattr(param, "ds_numel", param.numel())  # a ZeRO-3 partition holds none locally
-    for name, module in model.named_modules():
-        if name.split(".")[-1] == "visual" and not hasattr(module, "_grad_enabled_outside"):
+            frozen += numel(param)
+        if not hasattr(module, "_grad_enabled_outside"):
             module._grad_enabled_outside = []
             module.register_forward_pre_hook(_autograd_off)
             module.register_forward_hook(_autograd_back, always_call=True)
     return frozen
+
+
+def numel(param) -> int:
+    return getattr(param, "ds_numel", param.numel())  # a ZeRO-3 partition holds none locally
+
+
+def parameter_counts(model) -> dict[str, int]:
+    """``trainable_parameters`` and ``frozen_parameters`` of a model as it trains (adapters included): a vision
+    tower left unfrozen shows in them."""
+    counts = {"trainable_parameters": 0, "frozen_parameters": 0}
+    for param in model.parameters():
+        counts["trainable_parameters" if param.requires_grad else "frozen_parameters"] += numel(param)
+    return counts
 
 
 def _autograd_off(module, args) -> None:
@@ -75,14 +85,15 @@ def restore_weights(model, checkpoint: str) -> None:
     model.load_state_dict(saved.state_dict(), strict=True)
 
 
-def lora_config(cfg):
-    """peft's LoRA config from ``cfg``'s ``lora_r``, ``lora_alpha``, ``lora_dropout``; None in full ``mode``."""
+def lora_config(cfg, model):
+    """peft's LoRA config from ``cfg``'s ``lora_r``, ``lora_alpha``, ``lora_dropout`` on ``model``'s language model
+    (:func:`aesr1.policy.families.lora_targets`); None in full ``mode``."""
     if cfg.mode != "lora":
         return None
     from peft import LoraConfig
 
     return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
+                      target_modules=lora_targets(model), task_type="CAUSAL_LM")
 
 
 def resume(trainer, checkpoint_dir: Path, mode: str) -> str | None:

@@ -34,6 +34,7 @@ from aesr1.policy.trainer import (
     free_optimizer,
     freeze_vision,
     lora_config,
+    parameter_counts,
     quiet,
     resume,
     run_fingerprint,
@@ -227,7 +228,7 @@ def build_trainer(cfg: RLStageConfig, report_to: list[str], callbacks: list) -> 
         freeze_vision(model)
     trainer = GRPOTrainer(model=model, reward_funcs=reward_funcs, args=args,
                           train_dataset=rl_dataset(train), processing_class=processor,
-                          peft_config=lora_config(cfg.grpo), callbacks=callbacks)
+                          peft_config=lora_config(cfg.grpo, model), callbacks=callbacks)
     return trainer, processor, train, names, weights, checkpoints
 
 
@@ -268,6 +269,7 @@ def rl(cfg: RLStageConfig, recorder: Recorder) -> dict:
         "heldout": heldout,
         "steps": int(trainer.state.global_step),
         "resumed_from_step": trainer.resumed_from_step,  # 0: trained from the start
+        **parameter_counts(trainer.model),
         "train_images": len(train),
         "reward": first_last("reward"),
         **{c.removeprefix("rewards/").removesuffix("/mean"): first_last(c) for c in reward_columns},
