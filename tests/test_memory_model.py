@@ -11,12 +11,14 @@ RECIPE = mm.Recipe()
 H100 = mm.GPU_GIB["80GB"]
 
 
-def test_parameter_counts_are_qwen25_vl_7b_and_3b():
+def test_parameter_counts_are_qwen25_vl_7b_and_3b_and_qwen3_vl_8b_and_2b():
     counts = mm.param_counts(SHAPE)
     assert counts["total"] == 8_292_166_656  # the meta-device model's count (tests/test_plan.py builds it again)
     assert counts["embed"] == counts["lm_head"] == 152_064 * 3584  # untied
     assert mm.param_counts(dataclasses.replace(SHAPE, tied=True))["lm_head"] == 0
     assert mm.param_counts(mm.QWEN25_VL_3B)["total"] == 3_754_622_976  # tied: no lm_head of its own
+    assert mm.param_counts(mm.QWEN3_VL_8B)["total"] == 8_767_123_696  # Qwen3-VL-8B-Instruct's published 8.77B
+    assert mm.param_counts(mm.QWEN3_VL_2B)["total"] == 2_127_532_032  # tied
 
 
 def test_zero3_divides_the_sharded_terms_by_the_gpus():

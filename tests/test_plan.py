@@ -30,6 +30,8 @@ def planned(capsys, *argv: str) -> tuple[int, dict]:
     ("qwen2.5-vl-7b", 1, 80, False),  # ... not on one of them
     ("qwen2.5-vl-7b-1gpu", 1, 80, True),
     ("qwen2.5-vl-3b-24gb", 1, 24, True),
+    ("qwen3-vl-8b", 8, 80, True),  # the reference's values on the newer backbone
+    ("qwen3-vl-2b-24gb", 1, 24, True),
     ("tiny", 1, 24, True),
 ])
 def test_the_plan_says_which_recipe_fits_which_gpus(params, capsys, recipe, gpus, gib, fits):
@@ -97,8 +99,22 @@ def test_the_recipe_values_reach_the_plan_as_the_stages_read_them(params, capsys
 
 
 def qwen_config(s: memory.Shape):
-    from transformers import Qwen2_5_VLConfig
+    """transformers' config of a known shape: Qwen3-VL's layout (its DeepStack blocks spread over the tower) or
+    Qwen2.5-VL's."""
+    from transformers import Qwen2_5_VLConfig, Qwen3VLConfig
 
+    if not s.vision_gated:
+        step = s.vision_depth // (s.deepstack + 1)
+        return Qwen3VLConfig(
+            text_config=dict(vocab_size=s.vocab, hidden_size=s.hidden, intermediate_size=s.intermediate,
+                             num_hidden_layers=s.layers, num_attention_heads=s.heads, num_key_value_heads=s.kv_heads,
+                             head_dim=s.head_dim, tie_word_embeddings=s.tied),
+            vision_config=dict(depth=s.vision_depth, hidden_size=s.vision_hidden,
+                               intermediate_size=s.vision_intermediate, num_heads=s.vision_heads, patch_size=s.patch,
+                               spatial_merge_size=s.merge, temporal_patch_size=s.temporal, out_hidden_size=s.hidden,
+                               num_position_embeddings=s.vision_positions,
+                               deepstack_visual_indexes=[step * (i + 1) for i in range(s.deepstack)]),
+            tie_word_embeddings=s.tied)
     return Qwen2_5_VLConfig(
         text_config=dict(vocab_size=s.vocab, hidden_size=s.hidden, intermediate_size=s.intermediate,
                          num_hidden_layers=s.layers, num_attention_heads=s.heads, num_key_value_heads=s.kv_heads,
@@ -110,12 +126,12 @@ def qwen_config(s: memory.Shape):
 
 
 def test_the_known_shapes_count_the_parameters_transformers_builds_and_read_back_from_config_json(tmp_path):
-    from transformers import Qwen2_5_VLForConditionalGeneration
+    from transformers import AutoModelForImageTextToText
 
     for name, shape in plan.KNOWN_SHAPES.items():
         config = qwen_config(shape)
         with torch.device("meta"):
-            model = Qwen2_5_VLForConditionalGeneration._from_config(config)
+            model = AutoModelForImageTextToText.from_config(config)
         assert sum(p.numel() for p in model.parameters()) == memory.param_counts(shape)["total"], name
         config.save_pretrained(tmp_path / name)  # transformers' layout: the text keys under text_config
         assert plan.config_shape(json.loads((tmp_path / name / "config.json").read_text()), name) == shape
@@ -137,7 +153,7 @@ def test_a_local_backbone_plans_from_its_config_json_and_an_unknown_one_says_why
     (folder / "config.json").write_text(json.dumps({"model_type": "llava"}))
     assert cli.main(["--plan", "--params", params(recipe="qwen2.5-vl-3b-24gb", **local), "--gpus", "1",
                      "--gpu-memory", "24"]) == 2
-    assert "model_type 'llava': the memory model knows Qwen2.5-VL's layout only" in capsys.readouterr().err
+    assert "model_type 'llava': the memory model knows the layouts of qwen2_5_vl, qwen3_vl only" in capsys.readouterr().err
     assert cli.main(["--plan", "--params", params(recipe="custom", **{"backbone.name_or_path": "org/unknown-vlm"}),
                      "--gpus", "1", "--gpu-memory", "24"]) == 2
     assert "org/unknown-vlm: its shape is unknown here" in capsys.readouterr().err

@@ -196,7 +196,7 @@ def test_the_one_gpu_7b_recipe_offloads_the_optimizer_to_deepspeeds_cpu_adam(par
     assert config["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
 
 
-@pytest.mark.parametrize("name, gpus", [("qwen2.5-vl-7b-1gpu", 1), ("qwen2.5-vl-3b-24gb", 1)])
+@pytest.mark.parametrize("name, gpus", [("qwen2.5-vl-7b-1gpu", 1), ("qwen2.5-vl-3b-24gb", 1), ("qwen3-vl-2b-24gb", 1)])
 def test_the_smaller_tiers_keep_the_references_training_values_where_memory_allows(params, name, gpus):
     """K, beta, clipping, temperature, completion length and SFT's batch per step as the reference's (8 GPUs); the
     header says what else departs and why."""

@@ -161,6 +161,30 @@ def test_a_real_backbone_is_its_own_config_at_reduced_depth_untied_with_its_proc
     assert all(p["planned_peak_gib"] > 0 for p in report["phases"])  # the planner read the reduced folder's shape
 
 
+def test_a_qwen3_vl_backbone_is_built_in_its_own_family_and_planned(tmp_path, monkeypatch, capsys):
+    """A Qwen3-VL config folder (the qwen3-vl recipes' family): the smoke builds that family at --layers 2, keeps a
+    DeepStack block within the cut, runs every phase, and the planner reads the reduced Qwen3-VL shape."""
+    from aesr1.backbone.tiny import TinyModelConfig, build_tiny
+
+    model, processor = build_tiny(TinyModelConfig(**SMALL["backbone.tiny"], family="qwen3_vl", vision_depth=4))
+    model.config.vision_config.deepstack_visual_indexes = [1, 3]
+    model.config.save_pretrained(tmp_path / "vlm")
+    processor.save_pretrained(tmp_path / "vlm")
+    params = params_file(tmp_path, {**SMALL, "backbone": {"name_or_path": str(tmp_path / "vlm"), "max_pixels": 1024}},
+                         recipe="custom")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    status = cli.main(["--smoke", "--cpu", "--params", str(params), "--smoke-dir", str(tmp_path / "smoke"),
+                       "--layers", "2"])
+    report = json.loads(capsys.readouterr().out)
+    assert status == 0 and report["ok"], report.get("error")
+    built = report["model"]
+    assert (built["model_type"], built["processor"], built["layers"]) == ("qwen3_vl", "Qwen3VLProcessor", 2)
+    saved = json.loads((tmp_path / "smoke" / "backbone" / "config.json").read_text())
+    assert saved["vision_config"]["deepstack_visual_indexes"] == [1]
+    assert {m["class"] for m in report["saved_models"].values()} == {"Qwen3VLForConditionalGeneration"}
+    assert all(p["planned_peak_gib"] > 0 for p in report["phases"])
+
+
 def test_a_hub_backbone_neither_cached_nor_reachable_fails_in_one_line(tmp_path):
     params = params_file(tmp_path, {}, recipe="qwen2.5-vl-7b")
     done, report = smoke_command("--params", str(params), "--smoke-dir", str(tmp_path / "smoke"),

@@ -84,7 +84,9 @@ SAVED_POLICY_BYTES = FROZEN_WEIGHT_BYTES  # a saved policy (sft, rl): bf16 safet
 
 @dataclass(frozen=True)
 class Shape:
-    """A Qwen2.5-VL's widths and depths."""
+    """A Qwen VLM's widths and depths: Qwen2.5-VL's by default; Qwen3-VL's text layers have no q/k/v bias but
+    q and k RMSNorms, its tower LayerNorms, a GELU MLP (not gated), learned position embeddings and ``deepstack``
+    extra mergers (:data:`QWEN3_VL_8B`)."""
 
     hidden: int = 3584
     intermediate: int = 18944
@@ -100,6 +102,11 @@ class Shape:
     patch: int = 14
     merge: int = 2
     temporal: int = 2
+    qkv_bias: bool = True
+    qk_norm: bool = False
+    vision_gated: bool = True  # Qwen2.5-VL's SwiGLU vision MLP with RMSNorms; False: Qwen3-VL's GELU with LayerNorms
+    vision_positions: int = 0  # learned position embeddings of the tower (Qwen3-VL: 2304)
+    deepstack: int = 0  # mergers of intermediate vision blocks' features (Qwen3-VL: 3)
 
     @property
     def head_dim(self) -> int:
@@ -113,24 +120,42 @@ class Shape:
 QWEN25_VL_7B = Shape()  # Qwen/Qwen2.5-VL-7B-Instruct's config.json (8,292,166,656 parameters on the meta device)
 QWEN25_VL_3B = Shape(hidden=2048, intermediate=11008, layers=36, heads=16, kv_heads=2, vocab=151_936,
                      tied=True)  # Qwen/Qwen2.5-VL-3B-Instruct's config.json: the same vision tower, a tied head
+QWEN3_VL = dict(qkv_bias=False, qk_norm=True, vision_gated=False, vision_positions=2304, deepstack=3, patch=16,
+                vision_heads=16)
+# Qwen/Qwen3-VL-8B-Instruct's published config (text: Qwen3-8B's; vision: 27 blocks of 1152, deepstack 8/16/24)
+QWEN3_VL_8B = Shape(hidden=4096, intermediate=12288, layers=36, heads=32, kv_heads=8, vocab=151_936, tied=False,
+                    vision_depth=27, vision_hidden=1152, vision_intermediate=4304, **QWEN3_VL)
+# Qwen/Qwen3-VL-2B-Instruct's (text: Qwen3-1.7B's, tied; vision: 24 blocks of 1024, deepstack 5/11/17)
+QWEN3_VL_2B = Shape(hidden=2048, intermediate=6144, layers=28, heads=16, kv_heads=8, vocab=151_936, tied=True,
+                    vision_depth=24, vision_hidden=1024, vision_intermediate=4096, **QWEN3_VL)
 
 
 def text_layer_params(s: Shape) -> int:
-    """One decoder layer: q/k/v with bias, o without, the SwiGLU MLP, two RMSNorms."""
-    attention = 2 * s.hidden * s.hidden + 2 * s.hidden * s.kv_dim + s.hidden + 2 * s.kv_dim
+    """One decoder layer: q/k/v (with bias: Qwen2.5), o without, q/k RMSNorms (Qwen3), the SwiGLU MLP, two
+    RMSNorms."""
+    attention = 2 * s.hidden * s.hidden + 2 * s.hidden * s.kv_dim
+    attention += (s.hidden + 2 * s.kv_dim if s.qkv_bias else 0) + (2 * s.head_dim if s.qk_norm else 0)
     return attention + 3 * s.hidden * s.intermediate + 2 * s.hidden
 
 
 def vision_block_params(s: Shape) -> int:
+    """Two norms (RMS, or Layer with bias), qkv and proj with bias, the MLP (gated: gate and up, then down)."""
     h, i = s.vision_hidden, s.vision_intermediate
-    return 2 * h + (3 * h * h + 3 * h) + (h * h + h) + 2 * (h * i + i) + (i * h + h)
+    if s.vision_gated:
+        return 2 * h + (3 * h * h + 3 * h) + (h * h + h) + 2 * (h * i + i) + (i * h + h)
+    return 4 * h + (3 * h * h + 3 * h) + (h * h + h) + (h * i + i) + (i * h + h)
 
 
 def param_counts(s: Shape) -> dict[str, int]:
-    """Parameters by part; ``vision`` includes the patch embedding and the merger (the projector)."""
+    """Parameters by part; ``vision`` includes the patch embedding and the merger(s) (the projector)."""
     merged = s.vision_hidden * s.merge**2
-    vision = (3 * s.temporal * s.patch**2 * s.vision_hidden + s.vision_depth * vision_block_params(s)
-              + s.vision_hidden + merged * merged + merged + merged * s.hidden + s.hidden)
+    mlp = merged * merged + merged + merged * s.hidden + s.hidden  # a merger's two layers
+    if s.vision_gated:  # Qwen2.5-VL: no patch bias, the merger's RMSNorm
+        embedding, merger = 3 * s.temporal * s.patch**2 * s.vision_hidden, s.vision_hidden + mlp
+    else:  # Qwen3-VL: a patch bias, position embeddings, LayerNorms; deepstack mergers normalise after merging
+        embedding = (3 * s.temporal * s.patch**2 + 1 + s.vision_positions) * s.vision_hidden
+        merger = 2 * s.vision_hidden + mlp + s.deepstack * (2 * merged + mlp)
+    vision = embedding + s.vision_depth * vision_block_params(s) + merger
     counts = {"embed": s.vocab * s.hidden, "lm_head": 0 if s.tied else s.vocab * s.hidden,
               "text_layers": s.layers * text_layer_params(s), "final_norm": s.hidden, "vision": vision}
     counts["text"] = counts["embed"] + counts["lm_head"] + counts["text_layers"] + counts["final_norm"]

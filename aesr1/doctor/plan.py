@@ -47,14 +47,17 @@ from aesr1.errors import AesError
 
 REPO = Path(__file__).resolve().parents[2]
 PHASES = {"sft": "SFT", "rl_training": "RL training", "rl_generation": "RL generation", "evaluate": "evaluation"}
-KNOWN_SHAPES = {"qwen/qwen2.5-vl-7b-instruct": memory.QWEN25_VL_7B, "qwen/qwen2.5-vl-3b-instruct": memory.QWEN25_VL_3B}
+KNOWN_SHAPES = {"qwen/qwen2.5-vl-7b-instruct": memory.QWEN25_VL_7B, "qwen/qwen2.5-vl-3b-instruct": memory.QWEN25_VL_3B,
+                "qwen/qwen3-vl-8b-instruct": memory.QWEN3_VL_8B, "qwen/qwen3-vl-2b-instruct": memory.QWEN3_VL_2B}
+PLANNED_FAMILIES = ("qwen2_5_vl", "qwen3_vl")  # the layouts the memory model derives
 ZERO3_FILE = "configs/deepspeed/zero3.json"
 OFFLOAD_FILE = "configs/deepspeed/zero3_offload.json"
 REFERENCE = "qwen2.5-vl-7b"
 CARD_24GB_GIB = 23.99  # nvidia-smi's total of a 24 GB card (RTX 4090, RTX A5000: 24,564 MiB)
 # the docs' tiers: (recipe, GPUs, GiB per GPU); the reference also on one GPU, to show what the planner proposes
 TIERS = ((REFERENCE, 8, memory.GPU_GIB["80GB"]), (REFERENCE, 1, memory.GPU_GIB["80GB"]),
-         ("qwen2.5-vl-7b-1gpu", 1, memory.GPU_GIB["80GB"]), ("qwen2.5-vl-3b-24gb", 1, CARD_24GB_GIB))
+         ("qwen2.5-vl-7b-1gpu", 1, memory.GPU_GIB["80GB"]), ("qwen2.5-vl-3b-24gb", 1, CARD_24GB_GIB),
+         ("qwen3-vl-8b", 8, memory.GPU_GIB["80GB"]), ("qwen3-vl-2b-24gb", 1, CARD_24GB_GIB))
 BEGIN, END = "<!-- plan:begin -->", "<!-- plan:end -->"
 
 
@@ -70,6 +73,8 @@ def tiny_shape(values: dict) -> Shape:
     from aesr1.backbone.tiny import TinyModelConfig
 
     t = TinyModelConfig(**values)
+    if t.family != "qwen2_5_vl":
+        raise PlanError(f"backbone.tiny.family {t.family}: the memory model plans the tiny Qwen2.5-VL only")
     return Shape(hidden=t.hidden_size, intermediate=t.intermediate_size, layers=t.layers, heads=t.heads,
                  kv_heads=t.kv_heads, vocab=t.vocab_size, tied=True, vision_depth=t.vision_depth,
                  vision_hidden=t.vision_hidden_size, vision_intermediate=2 * t.vision_hidden_size,
@@ -77,13 +82,21 @@ def tiny_shape(values: dict) -> Shape:
 
 
 def config_shape(config: dict, where: str) -> Shape:
-    """A Qwen2.5-VL's shape from its config.json (the text keys under ``text_config``, or at the top level as
-    older files have them)."""
-    if config.get("model_type") != "qwen2_5_vl":
-        raise PlanError(f"{where}: model_type {config.get('model_type')!r}: the memory model knows Qwen2.5-VL's "
-                        f"layout only (qwen2_5_vl)")
+    """A Qwen2.5-VL's or Qwen3-VL's shape from its config.json (the text keys under ``text_config``, or at the top
+    level as older files have them)."""
+    model_type = config.get("model_type")
+    if model_type not in PLANNED_FAMILIES:
+        raise PlanError(f"{where}: model_type {model_type!r}: the memory model knows the layouts of "
+                        f"{', '.join(PLANNED_FAMILIES)} only")
     text = {**config, **(config.get("text_config") or {})}
     vision = config.get("vision_config") or {}
+    if text.get("head_dim", text.get("hidden_size", 0) // max(text.get("num_attention_heads", 1), 1)) \
+            * text.get("num_attention_heads", 0) != text.get("hidden_size"):
+        raise PlanError(f"{where}: heads x head_dim is not the hidden size: the memory model's attention widths "
+                        f"assume it is")
+    qwen3 = {} if model_type == "qwen2_5_vl" else dict(  # Qwen3-VL's layout (memory.Shape)
+        qkv_bias=False, qk_norm=True, vision_gated=False, vision_positions=vision.get("num_position_embeddings", 0),
+        deepstack=len(vision.get("deepstack_visual_indexes", [])))
     try:
         return Shape(hidden=text["hidden_size"], intermediate=text["intermediate_size"],
                      layers=text["num_hidden_layers"], heads=text["num_attention_heads"],
@@ -91,8 +104,9 @@ def config_shape(config: dict, where: str) -> Shape:
                      tied=bool(config.get("tie_word_embeddings", text.get("tie_word_embeddings", False))),
                      vision_depth=vision["depth"], vision_hidden=vision["hidden_size"],
                      vision_intermediate=vision["intermediate_size"], vision_heads=vision["num_heads"],
-                     patch=vision.get("patch_size", 14), merge=vision.get("spatial_merge_size", 2),
-                     temporal=vision.get("temporal_patch_size", 2))
+                     patch=vision.get("patch_size", 14 if model_type == "qwen2_5_vl" else 16),
+                     merge=vision.get("spatial_merge_size", 2), temporal=vision.get("temporal_patch_size", 2),
+                     **qwen3)
     except KeyError as err:
         raise PlanError(f"{where}: no {err.args[0]}") from None
 
