@@ -128,6 +128,14 @@ def test_a_missing_or_incomplete_local_backbone_folder_fails_with_what_is_missin
     (folder / "preprocessor_config.json").write_text("{}")
     complete = check("backbone", tmp_path / "params.yaml")
     assert complete.ok is True and "model_type qwen2_5_vl" in complete.detail
+    (folder / "config.json").write_text(json.dumps({"model_type": "llava", "dtype": "bfloat16"}))
+    other = check("backbone", tmp_path / "params.yaml")
+    assert other.ok is False and "model_type llava: not a family the policy code handles" in other.detail
+
+
+def test_the_tiny_backbone_check_names_its_family(tmp_path):
+    gemma = check("backbone", project(tmp_path, **{"backbone.tiny.family": "gemma3"}))
+    assert gemma.ok is True and "the embedded Gemma 3" in gemma.detail
 
 
 def test_a_hub_backbone_offline_fails_fast_and_says_what_to_do(tmp_path, monkeypatch):

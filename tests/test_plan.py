@@ -153,7 +153,8 @@ def test_a_local_backbone_plans_from_its_config_json_and_an_unknown_one_says_why
     (folder / "config.json").write_text(json.dumps({"model_type": "llava"}))
     assert cli.main(["--plan", "--params", params(recipe="qwen2.5-vl-3b-24gb", **local), "--gpus", "1",
                      "--gpu-memory", "24"]) == 2
-    assert "model_type 'llava': the memory model knows the layouts of qwen2_5_vl, qwen3_vl only" in capsys.readouterr().err
+    assert "model_type 'llava': the memory model knows the layouts of qwen2_5_vl, qwen3_vl only" \
+        in capsys.readouterr().err
     assert cli.main(["--plan", "--params", params(recipe="custom", **{"backbone.name_or_path": "org/unknown-vlm"}),
                      "--gpus", "1", "--gpu-memory", "24"]) == 2
     assert "org/unknown-vlm: its shape is unknown here" in capsys.readouterr().err

@@ -64,6 +64,7 @@ from typing import Callable
 
 from aesr1.doctor.memory import HEADROOM, GiB
 from aesr1.errors import AesError
+from aesr1.policy.families import FAMILIES
 
 log = logging.getLogger(__name__)
 
@@ -558,8 +559,12 @@ def parameter_count(ctx: Context) -> tuple[int | None, str]:
 def check_backbone(ctx: Context) -> tuple[bool | None, str]:
     name = str(ctx.value("backbone.name_or_path", "tiny"))
     if name == "tiny":
-        return True, f"tiny: the embedded Qwen2.5-VL (~{parameter_count(ctx)[0] / 1e6:.1f}M parameters), built by " \
-                     f"the backbone stage"
+        kind = str(ctx.value("backbone.tiny.family", "qwen2_5_vl"))
+        if kind not in FAMILIES:
+            return False, f"backbone.tiny.family {kind}: {unsupported()}"
+        count = parameter_count(ctx)[0]
+        size = f" (~{count / 1e6:.1f}M parameters)" if count else ""
+        return True, f"tiny: the embedded {FAMILIES[kind].name}{size}, built by the backbone stage"
     folder = ctx.path(name)
     if folder.is_dir():
         return check_model_folder(folder, name)
@@ -568,6 +573,10 @@ def check_backbone(ctx: Context) -> tuple[bool | None, str]:
     if looks_like_path(name):
         return False, f"backbone.name_or_path {name}: no such folder ({folder})"
     return check_hub_model(ctx, name)
+
+
+def unsupported() -> str:
+    return f"not a family the policy code handles (aesr1.policy.families: {', '.join(FAMILIES)})"
 
 
 def check_model_folder(folder: Path, name: str) -> tuple[bool, str]:
@@ -582,6 +591,8 @@ def check_model_folder(folder: Path, name: str) -> tuple[bool, str]:
     if params is None:
         return False, f"backbone folder {name}: config.json (model_type {model_type}) but no weight files " \
                       f"(*.safetensors, *.bin)"
+    if model_type not in FAMILIES:
+        return False, f"backbone folder {name}: model_type {model_type}: {unsupported()}"
     if not any((folder / f).is_file() for f in ("preprocessor_config.json", "processor_config.json")):
         return False, f"backbone folder {name}: model_type {model_type}, but no processor " \
                       f"(preprocessor_config.json): the backbone stage loads AutoProcessor from it"
@@ -625,6 +636,8 @@ def check_hub_model(ctx: Context, name: str) -> tuple[bool, str]:
     if total:
         ctx.cache["hub_parameters"] = int(total)
     model_type = (getattr(info, "config", None) or {}).get("model_type", "?")
+    if model_type != "?" and model_type not in FAMILIES:
+        return False, f"{name} on {endpoint}: model_type {model_type}: {unsupported()}"
     size = f", {total / 1e9:.2f}B parameters" if total else ""
     return True, f"{name} on {endpoint}: model_type {model_type}{size}" + (" (also in the local cache)" if in_cache
                                                                            else "")

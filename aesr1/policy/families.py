@@ -21,8 +21,6 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-import torch
-
 from aesr1.errors import AesError
 from aesr1.images import set_pixel_budget
 
@@ -139,7 +137,7 @@ def lora_targets(model) -> str:
     return rf"(.*\.)?{language}\..*\.({projections})"
 
 
-def vision_modules(model) -> list[torch.nn.Module]:
+def vision_modules(model) -> list:
     """The tower and projector modules of ``model``."""
     return [model.get_submodule(name) for name in parts(model).vision]
 
