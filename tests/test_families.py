@@ -89,6 +89,12 @@ def test_every_stage_runs_on_a_tiny_model_of_the_family(family, tmp_path, monkey
         assert counts["frozen_parameters"] > 0 and counts["trainable_parameters"] > 0, phase
     lora = json.loads((smoke / "metrics/sft-lora/sft.json").read_text())
     assert lora["trainable_parameters"] < counts["frozen_parameters"]  # adapters only
+    from mlflow import MlflowClient
+
+    client = MlflowClient(report["mlflow"]["tracking_uri"])  # each stage's run carries the counts too
+    for phase in report["phases"]:
+        logged = client.get_run(phase["mlflow_run"]).data.metrics
+        assert logged["frozen_parameters"] > 0 and logged["trainable_parameters"] > 0, phase["name"]
 
     # evaluate the pretrained backbone and the trained models; register the RL one (the pyfunc model)
     settings = yaml.safe_load(params.read_text())

@@ -28,6 +28,7 @@ from aesr1.policy.families import lora_targets, vision_modules
 
 log = logging.getLogger(__name__)
 
+
 def freeze_vision(model) -> int:
     """Freeze the vision tower and its projector (:func:`aesr1.policy.families.parts`); return the frozen
     parameter count.
