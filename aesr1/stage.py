@@ -29,7 +29,7 @@ from aesr1 import distributed
 from aesr1.config import ParamsError, flatten, load_section, read_params, with_recipe
 from aesr1.lineage import code_digest, import_closure
 from aesr1.summary import LAUNCHED_STAGES, pipeline_params
-from aesr1.tracking import log_pipeline_metrics, stage_run, ui_link
+from aesr1.tracking import log_pipeline_metrics, log_pipeline_params, stage_run, ui_link
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -43,11 +43,17 @@ class Recorder:
         self.params: dict[str, str] = {}
         self.tables: dict[str, object] = {}
         self.datasets: list[tuple[Path, object, str]] = []
-        self.summary: dict[str, float] = {}
+        self.summary: dict[str, float | str] = {}
+        self.pipeline: dict[str, str] = {}
 
-    def pipeline_metrics(self, metrics: dict[str, float]) -> None:
-        """Metrics that describe the whole pipeline run (:mod:`aesr1.summary`), logged on it too."""
+    def pipeline_metrics(self, metrics: dict[str, float | str]) -> None:
+        """Figures that describe the whole pipeline run (:mod:`aesr1.summary`): written to the stage's
+        ``<stage>_summary.json``; the numbers are logged on the pipeline run too."""
         self.summary.update(metrics)
+
+    def pipeline_param(self, name: str, value: object) -> None:
+        """A param of the whole pipeline run that a stage learns while running (the test split's fingerprint)."""
+        self.pipeline[name] = str(value)
 
     def param(self, name: str, value: object) -> None:
         """A run parameter the stage learns while running (e.g. a prompt's content hash)."""
@@ -148,6 +154,9 @@ def run_stage(name: str, params_path: str | Path, cls: type[T], fn: Callable[[T,
         finally:
             if recorder.params:
                 mlflow.log_params(recorder.params)
+            if recorder.pipeline:
+                mlflow.log_params(recorder.pipeline)
+                log_pipeline_params(mlflow.MlflowClient(), run.data.tags[MLFLOW_PARENT_RUN_ID], recorder.pipeline)
             for path, frame, context in recorder.datasets:
                 log_dataset(path, frame, context)
             for table_name, frame in recorder.tables.items():

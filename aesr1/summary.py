@@ -54,22 +54,35 @@ def pipeline_params(params: dict) -> dict[str, str]:
 def model_metrics(evaluation: dict, readouts: tuple[str, ...] = ("expected",)) -> dict[str, float]:
     """Per evaluated model: ``<model>/plcc``, ``/srcc`` and their ``_se`` (the five-set average of the sampled
     readout), ``/in_domain_plcc`` ..., ``/unparseable``, ``/<set>_plcc`` and ``/<set>_srcc``, and each other
-    readout's average as ``/<readout>_plcc``."""
+    readout's average as ``/<readout>_plcc``.
+
+    Where no output held a parseable score, its correlations are undefined, not 0: they are left out and
+    ``<model>/all_unparseable`` (or ``/<set>_all_unparseable``, ``/<readout>_all_unparseable``) is 1 instead.
+    """
     out: dict[str, float] = {}
     for model, metrics in evaluation.items():
         average = metrics.get("average", {})
-        for key in ("plcc", "srcc", "plcc_se", "srcc_se", "in_domain_plcc", "in_domain_srcc",
-                    "out_of_domain_plcc", "out_of_domain_srcc"):
-            if key in average:
-                out[f"{model}/{key}"] = average[key]
         if "unparseable_rate" in average:
             out[f"{model}/unparseable"] = average["unparseable_rate"]
+        if average.get("unparseable_rate") == 1.0:
+            out[f"{model}/all_unparseable"] = 1.0
+        else:
+            for key in ("plcc", "srcc", "plcc_se", "srcc_se", "in_domain_plcc", "in_domain_srcc",
+                        "out_of_domain_plcc", "out_of_domain_srcc"):
+                if key in average:
+                    out[f"{model}/{key}"] = average[key]
         for test_set, figures in metrics.items():
             if isinstance(figures, dict) and "n" in figures and "plcc" in figures:
-                out[f"{model}/{test_set}_plcc"] = figures["plcc"]
-                out[f"{model}/{test_set}_srcc"] = figures["srcc"]
+                if figures.get("unparseable_rate") == 1.0:
+                    out[f"{model}/{test_set}_all_unparseable"] = 1.0
+                else:
+                    out[f"{model}/{test_set}_plcc"] = figures["plcc"]
+                    out[f"{model}/{test_set}_srcc"] = figures["srcc"]
         for readout in readouts:
             other = metrics.get("readouts", {}).get(readout, {}).get("average", {})
+            if other.get("unparseable_rate") == 1.0:
+                out[f"{model}/{readout}_all_unparseable"] = 1.0
+                continue
             for key in ("plcc", "srcc"):
                 if key in other:
                     out[f"{model}/{readout}_{key}"] = other[key]

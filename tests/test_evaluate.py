@@ -104,10 +104,50 @@ def test_metrics_file_is_strict_json_and_the_report_has_the_main_table(tmp_path)
     write_metrics(tmp_path / "evaluate.json", {"rapo": result})
     loaded = json.loads((tmp_path / "evaluate.json").read_text())
     assert loaded["rapo"]["ava"]["srcc"] is None
-    write_report(tmp_path / "report.md", {"rapo": result}, {}, ["ava"], {"rapo": ("Aes-R1", 0.6337, 0.6186)})
+    silent = {"ava": {"plcc": 0.0, "srcc": 0.0, "n": 3, "unparseable_rate": 1.0},
+              "average": {"plcc": 0.0, "srcc": 0.0, "in_domain_plcc": 0.0, "out_of_domain_plcc": math.nan,
+                          "unparseable_rate": 1.0},
+              "critique": {"critiques": 0}, "entropy": 0.3}
+    write_report(tmp_path / "report.md", {"backbone": silent, "rapo": result}, {}, ["ava"],
+                 {"rapo": ("Aes-R1", 0.6337, 0.6186)}, "0123456789abcdef")
     report = (tmp_path / "report.md").read_text()
-    assert "| rapo | 0.500 / - | **0.500 / -** |" in report
-    assert "| rapo | 0.500 | - | Aes-R1 | 0.634 | 0.619 |" in report
+    assert "| rapo | 0.500 / - | **0.500 / -** | 0.0% |" in report
+    assert "| rapo | 0.500 | - | 0.0% | Aes-R1 | 0.634 | 0.619 |" in report
+    # a model that never wrote a parseable score has no correlation, not 0
+    assert "| backbone | n/a: 100% unparseable | **n/a: 100% unparseable** | 100.0% |" in report
+    assert "| backbone | n/a: 100% unparseable | n/a: 100% unparseable | 100.0% |" in report
+    lines = report.splitlines()
+    assert lines[2].startswith("PLCC (Pearson) and SRCC (Spearman)") and "noise ceiling" in lines[2]
+    assert "Test split `0123456789abcdef`" in report
+
+
+def test_a_model_that_never_parses_has_no_correlation_in_the_run_summary():
+    from aesr1.summary import model_metrics
+
+    silent = {"average": {"plcc": 0.0, "srcc": 0.0, "unparseable_rate": 1.0},
+              "ava": {"n": 3, "plcc": 0.0, "srcc": 0.0, "unparseable_rate": 1.0},
+              "tad66k": {"n": 3, "plcc": 0.2, "srcc": 0.1, "unparseable_rate": 0.5},
+              "readouts": {"expected": {"average": {"plcc": 0.0, "srcc": 0.0, "unparseable_rate": 1.0}}}}
+    figures = model_metrics({"backbone": silent})
+    assert figures["backbone/all_unparseable"] == figures["backbone/ava_all_unparseable"] == 1.0
+    assert figures["backbone/expected_all_unparseable"] == 1.0 and figures["backbone/unparseable"] == 1.0
+    assert figures["backbone/tad66k_plcc"] == 0.2  # a set with parsed scores keeps its figure
+    assert not {"backbone/plcc", "backbone/srcc", "backbone/ava_plcc", "backbone/expected_plcc"} & set(figures)
+
+
+def test_the_test_split_fingerprint_follows_ids_file_contents_and_scores(tmp_path):
+    from aesr1.evaluation.evaluate import file_digest, split_fingerprint
+
+    paths = [write_jpeg(tmp_path / f"{i}.jpg", 40 * i) for i in range(3)]
+    test = pd.DataFrame({"image_id": ["ava/0", "ava/1", "ava/2"], "image_path": [str(p) for p in paths],
+                         "score": [0.1, 0.5, 0.9]})
+    digests = {str(p): file_digest(p) for p in paths}
+    fingerprint = split_fingerprint(test, digests)
+    assert len(fingerprint) == 16 and split_fingerprint(test.iloc[::-1], digests) == fingerprint  # row order
+    assert split_fingerprint(test.assign(score=[0.1, 0.5, 0.8]), digests) != fingerprint
+    assert split_fingerprint(test.assign(image_id=["ava/0", "ava/1", "ava/3"]), digests) != fingerprint
+    write_jpeg(paths[2], 41)  # the same id, a different file
+    assert split_fingerprint(test, {**digests, str(paths[2]): file_digest(paths[2])}) != fingerprint
 
 
 def test_rl_curves_keep_the_steps_that_logged_rewards():

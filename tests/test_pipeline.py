@@ -77,11 +77,18 @@ def test_dvc_repro_runs_every_stage_and_groups_mlflow_runs(reproduced):
     assert params["launcher"].startswith("torchrun") and params["teacher"] == "analytic"
     evaluation = json.loads((small_repo / "metrics/evaluate.json").read_text())
     for model in ("backbone", "sft", "rapo"):
-        assert figures[f"{model}/plcc"] == pytest.approx(evaluation[model]["average"]["plcc"])
-        assert figures[f"{model}/ava_srcc"] == pytest.approx(evaluation[model]["ava"]["srcc"])
-        assert {f"{model}/srcc_se", f"{model}/in_domain_plcc", f"{model}/unparseable"} <= set(figures)
+        average = evaluation[model]["average"]
+        assert figures[f"{model}/unparseable"] == pytest.approx(average["unparseable_rate"])
+        if average["unparseable_rate"] == 1.0:  # no parseable score: no correlation, said by name
+            assert figures[f"{model}/all_unparseable"] == 1.0 and f"{model}/plcc" not in figures
+            continue
+        assert figures[f"{model}/plcc"] == pytest.approx(average["plcc"])
+        assert {f"{model}/srcc_se", f"{model}/in_domain_plcc"} <= set(figures)
     summary = json.loads((small_repo / "metrics/evaluate_summary.json").read_text())  # the same, for DVC
-    assert summary["rapo/plcc"] == pytest.approx(figures["rapo/plcc"]) and len(summary) < len(figures)
+    assert summary["rapo/unparseable"] == pytest.approx(figures["rapo/unparseable"]) and len(summary) < len(figures)
+    # the test split's fingerprint: a param of the pipeline run, in the summary and in the report
+    assert len(params["test_split"]) == 16 and summary["test_split"] == params["test_split"]
+    assert f"Test split `{params['test_split']}`" in (small_repo / "data/evaluate/report.md").read_text()
     assert {f"seconds/{stage}" for stage in STAGES} <= set(figures)
     assert figures["seconds/total"] == pytest.approx(sum(figures[f"seconds/{stage}"] for stage in STAGES))
 

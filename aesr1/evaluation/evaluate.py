@@ -22,6 +22,7 @@ The RAPO model is then registered in the MLflow model registry as a pyfunc model
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.metadata
 import logging
 import math
@@ -129,6 +130,25 @@ def noise_ceilings(test: pd.DataFrame, latent_path: str | None) -> dict[str, dic
         c = correlations(rows.score.to_numpy(), rows.latent_score.to_numpy())
         ceilings[dataset] = {"plcc": c["plcc"], "srcc": c["srcc"], "n": c["n"]}
     return ceilings
+
+
+def file_digest(path: str | Path) -> str:
+    """The sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def split_fingerprint(test: pd.DataFrame, digests: dict[str, str]) -> str:
+    """The test split as evaluated, in 16 hex digits: a hash of each row's image id, its file's content hash
+    and its score, in image-id order. Two runs' figures compare only when theirs match: the same ids with
+    re-encoded files, or rescored ones, give another fingerprint."""
+    digest = hashlib.sha256()
+    for row in test.sort_values("image_id").itertuples():
+        digest.update(f"{row.image_id}\0{digests[row.image_path]}\0{row.score!r}\n".encode())
+    return digest.hexdigest()[:16]
 
 
 def critique_quality(completions: pd.DataFrame, measures: dict[str, object], align: FilterConfig) -> dict:
@@ -301,6 +321,8 @@ def evaluate(cfg: EvaluateConfig, recorder: Recorder) -> dict:
     # tens of thousands of real images would keep the others waiting inside a collective past its timeout
     mine = distributed.shard(list(test.image_path.unique()))
     measures = dict(distributed.gather([(path, measure_file(path)) for path in mine]))
+    test_split = split_fingerprint(test, dict(distributed.gather([(path, file_digest(path)) for path in mine])))
+    recorder.pipeline_param("test_split", test_split)
     ceilings = noise_ceilings(test, cfg.latent_scores)
 
     unknown = sorted(set(cfg.only or []) - set(cfg.models))
@@ -336,7 +358,7 @@ def evaluate(cfg: EvaluateConfig, recorder: Recorder) -> dict:
     if cfg.rl_history and Path(cfg.rl_history).is_file():
         history_curves(pd.read_csv(cfg.rl_history)).to_csv(out / "rl_curves.csv", index=False)
         recorder.artifact(out / "rl_curves.csv", "plots")
-    write_report(out / "report.md", metrics, ceilings, cfg.test_sets, PAPER)
+    write_report(out / "report.md", metrics, ceilings, cfg.test_sets, PAPER, test_split)
     recorder.artifact(out / "plots", "plots")
     recorder.artifact(out / "report.md")
     recorder.artifact(out / "predictions.parquet")
@@ -346,6 +368,7 @@ def evaluate(cfg: EvaluateConfig, recorder: Recorder) -> dict:
         recorder.artifact(write_gallery(predictions, out / "gallery.html", sort_model, cfg.gallery_size,
                                         cfg.decoding.seed))
     recorder.pipeline_metrics(model_metrics(metrics))
+    recorder.pipeline_metrics({"test_split": test_split})
 
     if cfg.register.model:
         version = register(cfg, metrics[cfg.register.model]["average"])

@@ -24,15 +24,39 @@ def with_se(result: dict, key: str) -> str:
     return number(result.get(key)) + (f" ± {number(se)}" if se is not None else "")
 
 
+NOT_PARSED = "n/a: 100% unparseable"
+INTRODUCTION = (
+    "PLCC (Pearson) and SRCC (Spearman) measure how well a model's scores follow the human mean opinion scores "
+    "(1: perfectly; 0: not at all); ± is the bootstrap standard error over the test images; a model that never "
+    "writes a parseable score has no correlation to report (n/a) rather than 0. The readouts are two ways to read "
+    "a score from an answer: the number one sample writes (the paper's) or the mean of the digit distribution "
+    "(expected). The noise ceiling is what the human scores themselves reach against AesSynth's noiseless "
+    "score, the most any model can. A difference between two models carries its paired standard error (both on "
+    "the same resampled images); over 2 SE it is unlikely to be chance.")
+
+
+def all_unparseable(result: dict) -> bool:
+    """Whether no output behind ``result`` held a parseable score (its correlations are then undefined)."""
+    return result.get("unparseable_rate") == 1.0
+
+
 def pair(result: dict) -> str:
+    if all_unparseable(result):
+        return NOT_PARSED
     return f"{with_se(result, 'plcc')} / {with_se(result, 'srcc')}"
 
 
 def main_table(metrics: dict, test_sets: list[str]) -> str:
-    """Rows: models; columns: PLCC / SRCC per test set and their average (the paper's layout)."""
-    rows = [[model, *(pair(result.get(t, {})) for t in test_sets), f"**{pair(result['average'])}**"]
-            for model, result in metrics.items()]
-    return markdown_table(["model", *(f"{t} PLCC / SRCC" for t in test_sets), "average PLCC / SRCC"], rows)
+    """Rows: models; columns: PLCC / SRCC per test set and their average (the paper's layout), and the share of
+    unparseable outputs."""
+    rows = [[model, *(pair(result.get(t, {})) for t in test_sets), f"**{pair(result['average'])}**",
+             percent(result["average"].get("unparseable_rate"))] for model, result in metrics.items()]
+    return markdown_table(["model", *(f"{t} PLCC / SRCC" for t in test_sets), "average PLCC / SRCC",
+                           "unparseable"], rows)
+
+
+def percent(value) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.1f}%"
 
 
 READOUT_NAMES = {"sampled": "sampled (one sample, the reference's)", "expected": "expected (digit distribution)",
@@ -44,10 +68,13 @@ def readout_tables(metrics: dict) -> list[str]:
     readouts = list(dict.fromkeys(r for result in metrics.values() for r in result.get("readouts", {})))
     if not readouts:
         return []
-    rows = [[model, *(pair(result["readouts"][r]["average"]) if r in result["readouts"] else "-" for r in readouts)]
+    rows = [[model, *(pair(result["readouts"][r]["average"]) if r in result["readouts"] else "-" for r in readouts),
+             *(percent(result["readouts"][r]["average"].get("unparseable_rate")) if r in result["readouts"] else "-"
+               for r in readouts)]
             for model, result in metrics.items() if "readouts" in result]
     parts = ["## Readouts (average PLCC / SRCC over the test sets ± bootstrap standard error)", "",
-             markdown_table(["model", *(READOUT_NAMES.get(r, r) for r in readouts)], rows), ""]
+             markdown_table(["model", *(READOUT_NAMES.get(r, r) for r in readouts),
+                             *(f"unparseable, {r}" for r in readouts)], rows), ""]
     diffs = []
     for model, result in metrics.items():
         for baseline, entry in result.get("compared_to", {}).items():
@@ -63,19 +90,26 @@ def readout_tables(metrics: dict) -> list[str]:
     return parts
 
 
-def write_report(path: Path, metrics: dict, ceilings: dict, test_sets: list[str], paper: dict) -> None:
-    parts = ["# Evaluation", "", "## Main table (PLCC / SRCC ± bootstrap standard error; the reference's sampling, "
+def write_report(path: Path, metrics: dict, ceilings: dict, test_sets: list[str], paper: dict,
+                 test_split: str) -> None:
+    parts = ["# Evaluation", "", INTRODUCTION, "",
+             f"Test split `{test_split}` (a hash of the evaluated images' ids, file contents and scores): two runs' "
+             f"figures compare only when their test splits match.", "",
+             "## Main table (PLCC / SRCC ± bootstrap standard error; the reference's sampling, "
              "one sample; unparseable outputs scored 0.5)", "", main_table(metrics, test_sets), ""]
     parts += readout_tables(metrics)
     if ceilings:
         parts += ["Noise ceiling (MOS vs AesSynth's latent score) PLCC / SRCC: "
                   + ", ".join(f"{t} {number(c['plcc'])} / {number(c['srcc'])}" for t, c in ceilings.items()), ""]
-    beside = [[model, result["average"]["plcc"], result["average"]["srcc"], *paper.get(model, ("-", None, None))]
+    beside = [[model, *((NOT_PARSED, NOT_PARSED) if all_unparseable(result["average"]) else
+                        (result["average"]["plcc"], result["average"]["srcc"])),
+               percent(result["average"].get("unparseable_rate")), *paper.get(model, ("-", None, None))]
               for model, result in metrics.items()]
     parts += ["## Beside the paper (average over the five test sets)", "",
-              markdown_table(["ours", "PLCC", "SRCC", "paper", "PLCC", "SRCC"], beside), ""]
-    domains = [[model, a["in_domain_plcc"], a["out_of_domain_plcc"], a.get("in_domain_ceiling_ratio"),
-                a.get("out_of_domain_ceiling_ratio"), a["unparseable_rate"]]
+              markdown_table(["ours", "PLCC", "SRCC", "unparseable", "paper", "PLCC", "SRCC"], beside), ""]
+    domains = [[model, *([NOT_PARSED] * 4 if all_unparseable(a) else
+                         [a["in_domain_plcc"], a["out_of_domain_plcc"], a.get("in_domain_ceiling_ratio"),
+                          a.get("out_of_domain_ceiling_ratio")]), percent(a["unparseable_rate"])]
                for model, a in ((m, r["average"]) for m, r in metrics.items())]
     parts += ["## In and out of domain, against the noise ceiling", "",
               markdown_table(["model", "in-domain PLCC", "out-of-domain PLCC", "in-domain / ceiling",
