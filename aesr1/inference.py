@@ -13,7 +13,7 @@ import io
 import logging
 import math
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 import numpy as np
 import pandas as pd
@@ -47,8 +47,9 @@ class DecodingConfig:
     seed: int = 0
 
 
-def generate(model, processor, images: list, decoding: DecodingConfig):
-    """Sampled completions (``samples_per_image`` per image, consecutive) and their token entropy."""
+def generate(model, processor, images: list, decoding: DecodingConfig, prompt_text: str | None = None):
+    """Sampled completions (``samples_per_image`` per image, consecutive) and their token entropy; ``prompt_text``
+    in place of the policy prompt (another checkpoint's own)."""
     import torch
 
     from aesr1.policy.generation import sample
@@ -56,16 +57,18 @@ def generate(model, processor, images: list, decoding: DecodingConfig):
     torch.manual_seed(decoding.seed)
     return sample(model, processor, images, n=decoding.samples_per_image, temperature=decoding.temperature,
                   top_p=decoding.top_p, top_k=decoding.top_k, max_new_tokens=decoding.max_new_tokens,
-                  batch_size=decoding.batch_size, do_sample=not decoding.greedy)
+                  batch_size=decoding.batch_size, do_sample=not decoding.greedy, prompt_text=prompt_text)
 
 
-def image_scores(texts: list[str], samples_per_image: int, expected: np.ndarray | None = None) -> np.ndarray:
-    """Per image, the mean of its parseable samples' scores; NaN when none parses.
+def image_scores(texts: list[str], samples_per_image: int, expected: np.ndarray | None = None,
+                 reader: Callable[[str], float] = parse_score) -> np.ndarray:
+    """Per image, the mean of its parseable samples' scores (``reader``: text -> score on [0, 1] or NaN); NaN when
+    none parses.
 
     With ``expected`` (one per text, :func:`aesr1.policy.generation.expected_answer`), each
     parseable sample counts with its expected score where it has one, else its written score.
     """
-    parsed = np.array([parse_score(t) for t in texts])
+    parsed = np.array([reader(t) for t in texts], dtype=float)
     if expected is not None:
         parsed = np.where(np.isfinite(parsed) & np.isfinite(expected), expected, parsed)
     parsed = parsed.reshape(-1, samples_per_image)

@@ -109,7 +109,8 @@ def test_metrics_file_is_strict_json_and_the_report_has_the_main_table(tmp_path)
                           "unparseable_rate": 1.0},
               "critique": {"critiques": 0}, "entropy": 0.3}
     write_report(tmp_path / "report.md", {"backbone": silent, "rapo": result}, {}, ["ava"],
-                 {"rapo": ("Aes-R1", 0.6337, 0.6186)}, "0123456789abcdef")
+                 {"rapo": ("Aes-R1", 0.6337, 0.6186)}, "0123456789abcdef",
+                 {"backbone": ("b", "the policy prompt", [0, 1], "x"), "rapo": ("r", "the policy prompt", [0, 1], "x")})
     report = (tmp_path / "report.md").read_text()
     assert "| rapo | 0.500 / - | **0.500 / -** | 0.0% |" in report
     assert "| rapo | 0.500 | - | 0.0% | Aes-R1 | 0.634 | 0.619 |" in report
@@ -259,3 +260,87 @@ def test_the_gallery_shows_each_models_score_and_critique_worst_first(tmp_path):
     assert errors == sorted(errors, reverse=True)
     assert all(row.count("data:image/jpeg;base64,") == 1 for row in rows)  # the page is one self-contained file
     assert "sft &lt;critique&gt;" in page and "<critique>" not in page  # critiques are escaped text
+
+
+def test_a_model_entry_reads_its_answers_on_its_own_scale_and_is_checked_when_loaded(tmp_path):
+    from aesr1.config import ParamsError, load_section
+    from aesr1.evaluation.evaluate import EvaluateConfig, ModelEntry, model_entry
+    from aesr1.trajectory import parse_score
+
+    own = model_entry("data/models/rapo")
+    texts = [make_trajectory("soft light", 0.7), "<think>x</think><answer>1.5</answer>", "no format 0.4",
+             "<think>x</think><answer>0.4 or so</answer>", " <think>a</think>\n<answer> .25 </answer> "]
+    assert [own.read_score(t) for t in texts] == pytest.approx([parse_score(t) for t in texts], nan_ok=True)
+    reference = ModelEntry("authors/aes-r1", prompt="Rate it from 1 to 5.", scale=(1, 5))
+    assert reference.read_score("<think>fine</think><answer>4</answer>") == pytest.approx(0.75)
+    assert math.isnan(reference.read_score("<think>fine</think><answer>7</answer>"))  # off its scale: not a guess
+    assert not reference.own_format and own.own_format
+    insight = ModelEntry("q-insight", scale=(1, 5), parse=r'"score":\s*([0-9.]+)')
+    assert insight.read_score('<answer>{"score": 2.0}</answer>') == pytest.approx(0.25)
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("Score this photo's aesthetics from 1 to 5.\n")
+    assert ModelEntry("m", prompt=str(prompt)).prompt_text() == "Score this photo's aesthetics from 1 to 5."
+
+    (tmp_path / "params.yaml").write_text(
+        "evaluate:\n  models:\n    rapo: data/models/rapo\n"
+        "    reference: {path: authors/aes-r1, prompt: prompt.txt, scale: [1, 5]}\n")
+    models = load_section(tmp_path / "params.yaml", "evaluate", EvaluateConfig).models
+    assert models["rapo"] == "data/models/rapo" and models["reference"].scale == (1, 5)
+    for bad, message in (("{path: m, scale: [5, 1]}", "from low to high"), ("{path: m, parse: '[0-9'}", "regular"),
+                         ("{path: m, parse: 'score'}", "group around the score"), ("{path: m, scales: [1, 5]}", "")):
+        (tmp_path / "params.yaml").write_text(f"evaluate:\n  models:\n    m: {bad}\n")
+        with pytest.raises(ParamsError, match=message):
+            load_section(tmp_path / "params.yaml", "evaluate", EvaluateConfig)
+
+
+def test_a_plain_path_and_a_mapping_with_the_policy_prompt_give_identical_figures(tmp_path, monkeypatch):
+    """The same model as a plain path and as a mapping with this project's prompt and a [0, 1] scale: identical
+    completions and figures under greedy decoding; an external entry is asked with its own prompt, and the report
+    and the stage's run name each model's prompt and scale."""
+    import yaml
+    from mlflow import MlflowClient
+    from test_score import SMALL
+
+    from aesr1.backbone.backbone import BackboneConfig, with_pixel_budget
+    from aesr1.backbone.tiny import build_tiny
+    from aesr1.evaluation.evaluate import EvaluateConfig, evaluate
+    from aesr1.policy.data import policy_prompt
+    from aesr1.stage import run_stage
+
+    monkeypatch.chdir(tmp_path)
+    model, processor = build_tiny(SMALL)
+    with_pixel_budget(processor, BackboneConfig(tiny=SMALL))
+    model.save_pretrained("policy")
+    processor.save_pretrained("policy")
+    paths = [write_jpeg(tmp_path / "images" / f"{i}.jpg", 30 * i, size=24 + 8 * i) for i in range(6)]
+    pd.DataFrame({"image_id": [f"ava/{i}" for i in range(6)], "dataset": "ava", "image_path": list(map(str, paths)),
+                  "score": np.linspace(0.1, 0.9, 6)}).to_parquet("test.parquet")
+    (tmp_path / "reference_prompt.txt").write_text("Rate this image's aesthetics from 1 to 5.\n")
+    evaluate_params = {
+        "models": {"plain": "policy", "mapped": {"path": "policy", "prompt": policy_prompt(), "scale": [0, 1]},
+                   "reference": {"path": "policy", "prompt": "reference_prompt.txt", "scale": [1, 5]}},
+        "test_manifest": "test.parquet", "latent_scores": None, "rl_history": None, "out_dir": "evaluation",
+        "test_sets": ["ava"], "in_domain": ["ava"], "bootstrap": 20, "gallery_size": 0, "compare": [],
+        "register": {"model": None},
+        "decoding": {"greedy": True, "max_new_tokens": 12, "batch_size": 6}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"launcher": "python", "recipe": "custom",
+                                                          "evaluate": evaluate_params}))
+    metrics = run_stage("evaluate", "params.yaml", EvaluateConfig, evaluate, metrics_dir=tmp_path / "metrics")
+    predictions = pd.read_parquet("evaluation/predictions.parquet").set_index(["model", "image_id"])
+    plain, mapped = predictions.loc["plain"], predictions.loc["mapped"]
+    assert plain.completion.tolist() == mapped.completion.tolist()
+    assert plain.predicted.equals(mapped.predicted)
+    assert json.dumps(metrics["plain"], sort_keys=True) == json.dumps(metrics["mapped"], sort_keys=True)
+    # asked with its own prompt: the untrained model's token distributions differ from the policy prompt's
+    assert metrics["reference"]["entropy"] != metrics["plain"]["entropy"]
+    assert "expected" not in metrics["reference"]["readouts"]  # the digit readout is this project's format's
+
+    report = (tmp_path / "evaluation/report.md").read_text()
+    assert "| reference | `policy` | Rate this image's aesthetics from 1 to 5. (sha256 " in report
+    assert "| 1 to 5 |" in report and "| plain | `policy` | the policy prompt | 0 to 1 |" in report
+    client = MlflowClient()
+    (run,) = client.search_runs([client.get_experiment_by_name("aesr1").experiment_id],
+                                "attributes.run_name = 'evaluate'")
+    assert run.data.params["scale.reference"] == "[1.0, 5.0]" and run.data.params["prompt.plain"] == \
+        "the policy prompt"
+    assert run.data.params["prompt.reference"].startswith("Rate this image's aesthetics")

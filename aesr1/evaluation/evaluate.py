@@ -26,6 +26,7 @@ import hashlib
 import importlib.metadata
 import logging
 import math
+import re
 from dataclasses import field
 from pathlib import Path
 
@@ -48,7 +49,7 @@ from aesr1.metrics import bootstrap_correlations, correlations, resample_indices
 from aesr1.policy.generation import load_policy
 from aesr1.stage import Recorder
 from aesr1.summary import model_metrics
-from aesr1.trajectory import band_of
+from aesr1.trajectory import band_of, parse_score, split_trajectory
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +67,80 @@ class RegisterConfig:
 
 
 @config
+class ModelEntry:
+    """An evaluated model given as a mapping: any checkpoint (the authors' weights, another method's, a zero-shot
+    backbone) through this same harness. A plain path in ``evaluate.models`` is this project's own model:
+    ``ModelEntry(path)``, the policy prompt, scores on [0, 1] in its ``<think>/<answer>`` format."""
+
+    path: str  # a model folder or a hub id
+    prompt: str | None = None  # the text it was trained with, or a file holding it; null: the policy prompt
+    scale: tuple[float, float] = (0.0, 1.0)  # the range its answers' scores are on (the reference's prompt: 1 to 5)
+    # a regular expression whose first group is the score, searched in the whole answer; null: the number inside
+    # this project's <think>...</think><answer>...</answer> format
+    parse: str | None = None
+
+    def __post_init__(self):
+        low, high = self.scale
+        if not high > low:
+            raise ValueError(f"scale {list(self.scale)} must run from low to high")
+        if self.parse is not None:
+            try:
+                groups = re.compile(self.parse).groups
+            except re.error as error:
+                raise ValueError(f"parse {self.parse!r} is not a regular expression: {error}") from None
+            if groups < 1:
+                raise ValueError(f"parse {self.parse!r} needs a group around the score, e.g. <answer>([0-9.]+)")
+
+    @property
+    def own_format(self) -> bool:
+        """Whether answers are read as this project's policy writes them (the expected-score readout applies)."""
+        return self.parse is None and tuple(self.scale) == (0.0, 1.0)
+
+    def prompt_text(self) -> str | None:
+        """The prompt: the file's text where ``prompt`` names a file, else ``prompt`` itself (None: the policy's)."""
+        if self.prompt is not None and len(self.prompt) < 4096 and Path(self.prompt).is_file():
+            return Path(self.prompt).read_text().strip()
+        return self.prompt
+
+    def read_score(self, text: str) -> float:
+        """The answer's score mapped from ``scale`` to [0, 1]; NaN when it cannot be read or lies outside ``scale``
+        (never a guess)."""
+        if self.own_format:
+            return parse_score(text)
+        if self.parse is None:
+            parts = split_trajectory(text)
+            found = parts[1] if parts else None
+        else:
+            match = re.search(self.parse, text, re.DOTALL)
+            found = match.group(1) if match else None
+        try:
+            value = float(found.strip()) if found is not None else math.nan
+        except ValueError:
+            return math.nan
+        low, high = self.scale
+        return (value - low) / (high - low) if low <= value <= high else math.nan
+
+
+def model_entry(value: str | ModelEntry) -> ModelEntry:
+    return value if isinstance(value, ModelEntry) else ModelEntry(path=value)
+
+
+def prompt_label(entry: ModelEntry) -> str:
+    """How the report and the MLflow run name a model's prompt: the policy prompt, or its first words and hash."""
+    text = entry.prompt_text()
+    if text is None:
+        return "the policy prompt"
+    words = " ".join(text.split())
+    short = words if len(words) <= 60 else words[:57] + "..."
+    return f"{short} (sha256 {hashlib.sha256(text.encode()).hexdigest()[:12]})"
+
+
+@config
 class EvaluateConfig:
     """Params section ``evaluate``."""
 
-    models: dict[str, str] = field(default_factory=lambda: {
+    # name -> a model folder or hub id (this project's format), or a ModelEntry mapping (any checkpoint)
+    models: dict[str, str | ModelEntry] = field(default_factory=lambda: {
         "backbone": "data/models/backbone", "sft": "data/models/sft", "rapo": "data/models/rapo"})
     only: list[str] | None = None  # evaluate just these of ``models`` (ablations: [rapo]); null: all
     test_manifest: str = "data/ingest/test.parquet"
@@ -210,13 +281,18 @@ def summarise(metrics: dict, test_sets: list[str], in_domain: list[str], ceiling
     return average
 
 
-def readout_scores(texts: list[str], expected: np.ndarray, samples_per_image: int) -> dict[str, np.ndarray]:
+def readout_scores(texts: list[str], expected: np.ndarray, samples_per_image: int,
+                   entry: ModelEntry | None = None) -> dict[str, np.ndarray]:
     """Per image: the first sample's written score (the reference's readout), the expected score
-    over its samples, and (with several samples) the mean of their written scores."""
+    over its samples (this project's format only: it reads the policy's digits after ``<answer>``), and
+    (with several samples) the mean of their written scores; each read by ``entry`` (None: this project's)."""
     k = samples_per_image
-    scores = {"sampled": image_scores(texts[::k], 1), "expected": image_scores(texts, k, expected)}
+    read = entry.read_score if entry else parse_score
+    scores = {"sampled": image_scores(texts[::k], 1, reader=read)}
+    if entry is None or entry.own_format:
+        scores["expected"] = image_scores(texts, k, expected)
     if k > 1:
-        scores["mean"] = image_scores(texts, k)
+        scores["mean"] = image_scores(texts, k, reader=read)
     return scores
 
 
@@ -270,22 +346,24 @@ def comparisons(metrics: dict, pairs: list[tuple[str, str]]) -> dict:
 
 # ---------------------------------------------------------------- the stage
 
-def evaluate_model(name: str, path: str, test: pd.DataFrame, cfg: EvaluateConfig,
+def evaluate_model(name: str, entry: ModelEntry, test: pd.DataFrame, cfg: EvaluateConfig,
                    measures: dict[str, object], ceilings: dict) -> tuple[dict, pd.DataFrame] | None:
     """One model's figures and predictions; on several processes each samples its share of the
     images, and the main process (the only one that gets a result) reads them all out."""
-    log.info("evaluating %s (%s) on %d images x %d samples", name, path, len(test), cfg.decoding.samples_per_image)
-    model, processor = load_policy(path)
-    sampled = generate(model, processor, list(test.image_path), cfg.decoding)
+    log.info("evaluating %s (%s; prompt: %s; scale %s) on %d images x %d samples", name, entry.path,
+             prompt_label(entry), list(entry.scale), len(test), cfg.decoding.samples_per_image)
+    model, processor = load_policy(entry.path)
+    sampled = generate(model, processor, list(test.image_path), cfg.decoding, prompt_text=entry.prompt_text())
     if not distributed.is_main():
         return None
     k = cfg.decoding.samples_per_image
-    scores = readout_scores(sampled.texts, sampled.expected, k)
+    scores = readout_scores(sampled.texts, sampled.expected, k, entry)
     predictions = test[["image_id", "dataset", "image_path", "score"]].assign(
         model=name, predicted=scores["sampled"], completion=sampled.texts[::k],
         **{f"predicted_{readout}": values for readout, values in scores.items() if readout != "sampled"})
     completions = pd.DataFrame({"image_path": np.repeat(test.image_path.to_numpy(), k),
-                                "completion": sampled.texts, "predicted": image_scores(sampled.texts, 1)})
+                                "completion": sampled.texts,
+                                "predicted": image_scores(sampled.texts, 1, reader=entry.read_score)})
     readouts = readout_metrics(test, scores, cfg)
     for per_set in readouts.values():
         for t, ceiling in ceilings.items():
@@ -328,13 +406,19 @@ def evaluate(cfg: EvaluateConfig, recorder: Recorder) -> dict:
     unknown = sorted(set(cfg.only or []) - set(cfg.models))
     if unknown:
         raise AesError(f"evaluate.only names {unknown}, which evaluate.models does not define")
-    chosen = {name: path for name, path in cfg.models.items() if cfg.only is None or name in cfg.only}
+    chosen = {name: model_entry(value) for name, value in cfg.models.items() if cfg.only is None or name in cfg.only}
     if cfg.register.model and cfg.register.model not in chosen:
         raise AesError(f"evaluate.register.model '{cfg.register.model}' is not among the evaluated models")
+    if cfg.register.model and not chosen[cfg.register.model].own_format:
+        raise AesError(f"evaluate.register.model '{cfg.register.model}' has its own prompt, scale or parse: the "
+                       f"registered model scores with this project's prompt and format")
+    for name, entry in chosen.items():  # what each model was asked, and on what scale: in the stage's run
+        recorder.param(f"prompt.{name}", prompt_label(entry))
+        recorder.param(f"scale.{name}", list(entry.scale))
     metrics: dict = {}
     frames = []
-    for name, path in chosen.items():
-        evaluated = evaluate_model(name, path, test, cfg, measures, ceilings)
+    for name, entry in chosen.items():
+        evaluated = evaluate_model(name, entry, test, cfg, measures, ceilings)
         if not main:
             continue
         result, predictions = evaluated
@@ -358,7 +442,9 @@ def evaluate(cfg: EvaluateConfig, recorder: Recorder) -> dict:
     if cfg.rl_history and Path(cfg.rl_history).is_file():
         history_curves(pd.read_csv(cfg.rl_history)).to_csv(out / "rl_curves.csv", index=False)
         recorder.artifact(out / "rl_curves.csv", "plots")
-    write_report(out / "report.md", metrics, ceilings, cfg.test_sets, PAPER, test_split)
+    write_report(out / "report.md", metrics, ceilings, cfg.test_sets, PAPER, test_split,
+                 {name: (entry.path, prompt_label(entry), list(entry.scale), entry.parse or "this project's format")
+                  for name, entry in chosen.items()})
     recorder.artifact(out / "plots", "plots")
     recorder.artifact(out / "report.md")
     recorder.artifact(out / "predictions.parquet")
@@ -380,7 +466,7 @@ def register(cfg: EvaluateConfig, average: dict) -> str:
     """Log the chosen model as a pyfunc into the stage's run and register it; returns the version."""
     import mlflow
 
-    source = Path(cfg.models[cfg.register.model])
+    source = Path(model_entry(cfg.models[cfg.register.model]).path)
     if not (source / "config.json").is_file():
         raise AesError(f"only a saved model folder can be registered; {source} has no config.json")
     requirements = [f"{dist}=={importlib.metadata.version(dist)}" for dist in

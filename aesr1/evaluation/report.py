@@ -91,10 +91,15 @@ def readout_tables(metrics: dict) -> list[str]:
 
 
 def write_report(path: Path, metrics: dict, ceilings: dict, test_sets: list[str], paper: dict,
-                 test_split: str) -> None:
+                 test_split: str, models: dict[str, tuple]) -> None:
+    """``models``: name -> (path, prompt, scale, how its answer is read), as each model was asked."""
     parts = ["# Evaluation", "", INTRODUCTION, "",
              f"Test split `{test_split}` (a hash of the evaluated images' ids, file contents and scores): two runs' "
              f"figures compare only when their test splits match.", "",
+             "## Models (each asked with its prompt; its scores mapped from its scale to [0, 1])", "",
+             markdown_table(["model", "path", "prompt", "scale", "answer read by"],
+                            [[name, f"`{path}`", prompt, f"{scale[0]:g} to {scale[1]:g}", f"`{parse}`"]
+                             for name, (path, prompt, scale, parse) in models.items()]), "",
              "## Main table (PLCC / SRCC ± bootstrap standard error; the reference's sampling, "
              "one sample; unparseable outputs scored 0.5)", "", main_table(metrics, test_sets), ""]
     parts += readout_tables(metrics)
