@@ -8,6 +8,11 @@ order, the first failure being the recorded reason:
 ``duplicate_id`` (a later line with an id already accepted). Adapter-level reasons:
 ``malformed_line``, ``rating_out_of_scale`` (FLICKR-AES worker ratings).
 
+Then, across every source: a training row whose image is a copy of a test image (of any
+dataset; exact, re-encoded, resized or greyscale: :mod:`aesr1.data.overlap`) is quarantined as
+``test_overlap``, naming the test image; test images that copy another dataset's test image are
+listed in ``test_duplicates.parquet`` and kept (each test set is published as it is).
+
 A source that cannot be read at all (a missing file, a header without the columns its
 format needs) is recorded as one ``source_unreadable`` row and counts as wholly rejected:
 every other source is still read and checked, then the ``max_reject_rate`` rule fails the
@@ -44,6 +49,7 @@ from PIL import Image
 from aesr1.checks import validate
 from aesr1.config import config
 from aesr1.data.adapters import ADAPTERS, ENCODING, AnnotationError, Entry, Rejection
+from aesr1.data.overlap import BITS, OverlapConfig, image_hashes, nearest
 from aesr1.errors import AesError
 from aesr1.stage import Recorder
 
@@ -86,6 +92,7 @@ class IngestConfig:
     min_test_per_dataset: int = 1
     verify_images: Literal["full", "header"] = "full"
     io_workers: int = 8
+    overlap: OverlapConfig = field(default_factory=OverlapConfig)
 
 
 class IngestError(AesError):
@@ -217,6 +224,36 @@ def _sample(frame: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
     return ordered.iloc[np.sort(idx)]
 
 
+def test_overlap(manifest: pd.DataFrame, test: pd.DataFrame, cfg: OverlapConfig,
+                 workers: int) -> tuple[pd.DataFrame, list[dict], pd.DataFrame]:
+    """(``manifest`` less its training rows whose image copies a test image, with ``nearest_test_distance`` on the
+    training rows kept; those rows' rejections, ``test_overlap``; the test images that copy another dataset's).
+    """
+    train = manifest[manifest.split == "train"]
+    hashes = image_hashes(list(test.image_path) + list(train.image_path), cfg.cache, workers)
+    test_hashes, train_hashes = hashes[:len(test)], hashes[len(test):]
+    distance, index = nearest(train_hashes, test_hashes)
+    copies = distance <= cfg.max_distance
+    rejected = [_reject(row.dataset, Rejection(
+        row.source_file, int(row.source_line), "test_overlap",
+        f"a copy of test image {test.image_id.iloc[i]} ({test.image_path.iloc[i]}; {d} of {BITS} hash bits differ)",
+        native_id=row.native_id)) for row, i, d in zip(train[copies].itertuples(), index[copies], distance[copies])]
+    kept = manifest.drop(index=train.index[copies])
+    kept["nearest_test_distance"] = pd.Series(distance[~copies], index=train.index[~copies], dtype="Int64")
+
+    pairs = []
+    for name in test.dataset.unique():  # each test set against the others' (within one set: its own business)
+        own, others = (test.dataset == name).to_numpy(), (test.dataset != name).to_numpy()
+        d, j = nearest(test_hashes[own], test_hashes[others])
+        other = test[others]
+        pairs += [{"image_id": a, "image_path": pa, "copy_of": other.image_id.iloc[k],
+                   "copy_path": other.image_path.iloc[k], "distance": int(dist)}
+                  for a, pa, k, dist in zip(test.image_id[own], test.image_path[own], j, d)
+                  if dist <= cfg.max_distance and a < other.image_id.iloc[k]]  # each pair once
+    duplicates = pd.DataFrame(pairs, columns=["image_id", "image_path", "copy_of", "copy_path", "distance"])
+    return kept, rejected, duplicates
+
+
 def _expectations(sources: list[str], train_size: int, cfg: IngestConfig):
     import great_expectations.expectations as gxe
 
@@ -229,12 +266,15 @@ def _expectations(sources: list[str], train_size: int, cfg: IngestConfig):
         gxe.ExpectColumnValuesToBeInSet(column="split", value_set=["train", "test"]),
         gxe.ExpectColumnValuesToBeInSet(column="image_exists", value_set=[True]),
     ]
+    # no training image is a copy of a test image (ingest quarantined them): checked on what is written
+    overlap = [gxe.ExpectColumnValuesToBeBetween(column="nearest_test_distance",
+                                                 min_value=cfg.overlap.max_distance + 1)]
     summary = [
         gxe.ExpectColumnValuesToBeBetween(column="mix_error", min_value=0.0, max_value=cfg.mix_tolerance),
         gxe.ExpectColumnValuesToBeBetween(column="test_rows", min_value=cfg.min_test_per_dataset),
         gxe.ExpectColumnSumToBeBetween(column="train_rows", min_value=train_size, max_value=train_size),
     ]
-    return manifest, summary
+    return manifest, overlap, summary
 
 
 def ingest(cfg: IngestConfig, recorder: Recorder) -> dict:
@@ -270,29 +310,41 @@ def ingest(cfg: IngestConfig, recorder: Recorder) -> dict:
         log.info("%s: %d accepted, %d rejected %s", name, len(frame), len(rej),
                  per_source[name]["rejected_by_reason"] or "")
 
-    rejected_frame = pd.DataFrame(rejected, columns=REJECTED_COLUMNS)
-    rejected_frame.to_parquet(out / "rejected.parquet", index=False)
-    recorder.artifact(out / "rejected.parquet")
     too_many = {n: s for n, s in per_source.items() if s["reject_rate"] > cfg.max_reject_rate}
     if too_many:
         lines = [f"{n}: unreadable, the whole source is rejected: {s['error']}" if "error" in s else
                  f"{n}: {s['rejected']}/{s['rejected'] + s['accepted']} rejected ({s['reject_rate']:.1%}): "
                  f"{s['rejected_by_reason']}" for n, s in too_many.items()]
+        pd.DataFrame(rejected, columns=REJECTED_COLUMNS).to_parquet(out / "rejected.parquet", index=False)
+        recorder.artifact(out / "rejected.parquet")
         raise IngestError(f"rejection rate above max_reject_rate={cfg.max_reject_rate:.1%}:\n  " + "\n  ".join(lines)
                           + f"\nsee {out / 'rejected.parquet'} for each line and its reason")
 
     manifest = pd.concat(frames, ignore_index=True)
+    tests = []
+    for d in cfg.sources:
+        pool = manifest[(manifest.dataset == d) & (manifest.split == "test")]
+        tests.append(_sample(pool, cfg.test_max_per_dataset or len(pool), cfg.seed))
+    test = pd.concat(tests, ignore_index=True)
+    manifest, copies, test_duplicates = test_overlap(manifest, test, cfg.overlap, cfg.io_workers)
+    rejected += copies
+    if copies:
+        log.warning("%d training images are copies of test images: quarantined as test_overlap (%s)", len(copies),
+                    dict(Counter(r["dataset"] for r in copies)))
+    if len(test_duplicates):
+        log.warning("%d test images copy another dataset's test image (kept; listed in %s)", len(test_duplicates),
+                    out / "test_duplicates.parquet")
+    rejected_frame = pd.DataFrame(rejected, columns=REJECTED_COLUMNS)
+    rejected_frame.to_parquet(out / "rejected.parquet", index=False)
+    recorder.artifact(out / "rejected.parquet")
+    test_duplicates.to_parquet(out / "test_duplicates.parquet", index=False)
+    recorder.artifact(out / "test_duplicates.parquet")
     pools = {d: int(((manifest.dataset == d) & (manifest.split == "train")).sum()) for d in cfg.mix}
     quotas, scale = mix_quotas(pools, cfg.mix, cfg.train_size)
     if scale < 1:
         log.warning("train pools %s too small for train_size=%d: mix scaled by %.3f", pools, cfg.train_size, scale)
     train = pd.concat([_sample(manifest[(manifest.dataset == d) & (manifest.split == "train")], q, cfg.seed)
                        for d, q in quotas.items()], ignore_index=True)
-    tests = []
-    for d in cfg.sources:
-        pool = manifest[(manifest.dataset == d) & (manifest.split == "test")]
-        tests.append(_sample(pool, cfg.test_max_per_dataset or len(pool), cfg.seed))
-    test = pd.concat(tests, ignore_index=True)
 
     checked = pd.concat([train, test], ignore_index=True)
     checked["image_exists"] = checked["image_path"].map(lambda p: Path(p).is_file())
@@ -304,14 +356,16 @@ def ingest(cfg: IngestConfig, recorder: Recorder) -> dict:
         "mix_error": abs((train.dataset == d).mean() - cfg.mix.get(d, 0) / total_weight) if len(train) else 1.0,
     } for d in cfg.sources])
     planned = sum(quotas.values())
-    manifest_checks, summary_checks = _expectations(list(cfg.sources), planned, cfg)
+    manifest_checks, overlap_checks, summary_checks = _expectations(list(cfg.sources), planned, cfg)
+    distances = train[["image_id", "nearest_test_distance"]].astype({"nearest_test_distance": "int64"})
     try:
-        validate({"manifest": (checked, manifest_checks), "summary": (summary, summary_checks)},
-                 "ingest", out / "checks")
+        validate({"manifest": (checked, manifest_checks), "train_vs_test": (distances, overlap_checks),
+                  "summary": (summary, summary_checks)}, "ingest", out / "checks")
     finally:
         recorder.artifact(out / "checks" / "ingest.json", "checks")
         recorder.artifact(out / "checks" / "docs", "checks/docs")
 
+    train = train.drop(columns="nearest_test_distance")
     train.to_parquet(out / "train.parquet", index=False)
     test.to_parquet(out / "test.parquet", index=False)
     recorder.artifact(out / "train.parquet")
@@ -322,6 +376,8 @@ def ingest(cfg: IngestConfig, recorder: Recorder) -> dict:
         "train_size": len(train),
         "test_size": len(test),
         "rejected": len(rejected_frame),
+        "test_overlap": len(copies),  # training rows quarantined as copies of test images
+        "test_duplicates": len(test_duplicates),  # test images that copy another dataset's (kept)
         "unused_rows": unused,
         "mix_scale": scale,
         "train_by_dataset": {d: int((train.dataset == d).sum()) for d in cfg.mix},
