@@ -224,8 +224,8 @@ def _sample(frame: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
     return ordered.iloc[np.sort(idx)]
 
 
-def test_overlap(manifest: pd.DataFrame, test: pd.DataFrame, cfg: OverlapConfig,
-                 workers: int) -> tuple[pd.DataFrame, list[dict], pd.DataFrame]:
+def quarantine_test_copies(manifest: pd.DataFrame, test: pd.DataFrame, cfg: OverlapConfig,
+                           workers: int) -> tuple[pd.DataFrame, list[dict], pd.DataFrame]:
     """(``manifest`` less its training rows whose image copies a test image, with ``nearest_test_distance`` on the
     training rows kept; those rows' rejections, ``test_overlap``; the test images that copy another dataset's).
     """
@@ -326,7 +326,7 @@ def ingest(cfg: IngestConfig, recorder: Recorder) -> dict:
         pool = manifest[(manifest.dataset == d) & (manifest.split == "test")]
         tests.append(_sample(pool, cfg.test_max_per_dataset or len(pool), cfg.seed))
     test = pd.concat(tests, ignore_index=True)
-    manifest, copies, test_duplicates = test_overlap(manifest, test, cfg.overlap, cfg.io_workers)
+    manifest, copies, test_duplicates = quarantine_test_copies(manifest, test, cfg.overlap, cfg.io_workers)
     rejected += copies
     if copies:
         log.warning("%d training images are copies of test images: quarantined as test_overlap (%s)", len(copies),
