@@ -398,8 +398,9 @@ def evaluate(cfg: EvaluateConfig, recorder: Recorder) -> dict:
     # every process measures its share of the images (the fact check's statistics): on the main process alone,
     # tens of thousands of real images would keep the others waiting inside a collective past its timeout
     mine = distributed.shard(list(test.image_path.unique()))
-    measures = dict(distributed.gather([(path, measure_file(path)) for path in mine]))
-    test_split = split_fingerprint(test, dict(distributed.gather([(path, file_digest(path)) for path in mine])))
+    read = distributed.gather([(path, measure_file(path), file_digest(path)) for path in mine])
+    measures = {path: measure for path, measure, _ in read}
+    test_split = split_fingerprint(test, {path: digest for path, _, digest in read})
     recorder.pipeline_param("test_split", test_split)
     ceilings = noise_ceilings(test, cfg.latent_scores)
 
