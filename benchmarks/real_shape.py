@@ -62,13 +62,13 @@ import yaml
 from PIL import Image
 
 from aesr1.doctor import memory as mm
+from aesr1.doctor.plan import REFERENCE, TIERS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from generation_memory import PeakMemory  # noqa: E402  (one peak-RSS sampler for the benchmarks)
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "configs" / "recipes" / "qwen2.5-vl-7b.yaml"
-ZERO3 = REPO / "configs" / "accelerate" / "zero3.yaml"
 PHOTO = (640, 480)  # width x height: 315 visual tokens under max_pixels 262,144
 MIN_PIXELS, MAX_PIXELS = 3136, 262_144  # the recipe's backbone budget
 PROMPT_TOKENS = 90  # what Qwen's own tokenizer makes of the policy prompt's text (besides the visual tokens)
@@ -98,10 +98,11 @@ def rss() -> int:
 
 
 def recipe_values() -> mm.Recipe:
-    """The memory model's recipe from configs/recipes/qwen2.5-vl-7b.yaml and the ZeRO-3 launcher config."""
+    """The memory model's recipe from configs/recipes/qwen2.5-vl-7b.yaml on the reference's GPUs (the planner's
+    first tier: 8)."""
     recipe = yaml.safe_load(RECIPE.read_text())
     sft, grpo = recipe["sft"]["train"], recipe["rl"]["grpo"]
-    gpus = yaml.safe_load(ZERO3.read_text())["num_processes"]
+    gpus = next(count for name, count, _ in TIERS if name == REFERENCE)
     return mm.Recipe(gpus=gpus, sft_batch=sft["batch_size"], sft_checkpointing=sft["gradient_checkpointing"],
                      images_per_device=grpo["images_per_device"], generations=grpo["num_generations"],
                      grad_accum=grpo["grad_accum"], rl_checkpointing=grpo["gradient_checkpointing"],

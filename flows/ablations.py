@@ -1,7 +1,7 @@
 """The paper's ablations as queued ``dvc exp`` experiments, then a report beside the paper's tables.
 
-    python -m flows.ablations rewards                # binary, error, rank, binary+rank, error+rank
-    python -m flows.ablations rewards --cold-start   # the same, each RL starting from the SFT model
+    python -m flows.ablations rewards                   # binary, error, rank, binary+rank, error+rank
+    python -m flows.ablations rewards --no-cold-start   # the same, each RL from the backbone (the paper's protocol)
     python -m flows.ablations sft-epochs             # 0, 1, 2, 10 epochs of SFT, then RAPO
 
 Each setting is one experiment (``dvc exp run --queue -S ++key=value ...``), run one after another
@@ -38,10 +38,12 @@ RESULT_COLUMNS = ["plcc", "plcc_se", "srcc", "srcc_se", "expected_plcc", "expect
                   "starting_entropy"]
 
 
-def study_settings(study: str, cold_start: bool = False) -> dict[str, dict[str, str]]:
-    """Setting name -> params overrides (``-S ++key=value``) of one study."""
+def study_settings(study: str, cold_start: bool = True) -> dict[str, dict[str, str]]:
+    """Setting name -> params overrides (``-S ++key=value``) of one study. ``cold_start=False``: the reward
+    study's RL starts from the backbone, the paper's protocol, which a backbone that never writes the format (the
+    embedded default's) cannot learn from."""
     if study == "rewards":
-        start = {} if cold_start else {"rl.model": "data/models/backbone"}  # the paper: RL without cold start
+        start = {} if cold_start else {"rl.model": "data/models/backbone"}
         return {mode: {**start, "rl.rewards.mode": mode} for mode in REWARD_MODES}
     if study == "sft-epochs":
         return {"0": {"rl.model": "data/models/backbone"},
@@ -130,7 +132,7 @@ def collect(root: str, names: dict[str, str]) -> pd.DataFrame:
 
 
 @flow(name="aesr1-ablation", flow_run_name="{study}", log_prints=True)
-def ablation(study: str, root: str = ".", cold_start: bool = False, jobs: int = 1,
+def ablation(study: str, root: str = ".", cold_start: bool = True, jobs: int = 1,
              out_dir: str = "data/ablations", settings: list[str] | None = None,
              remote_stages: dict[str, str] | None = None) -> str:
     """Run one study's experiments (``settings``: only these), then write its report. ``remote_stages``: stage ->
@@ -175,7 +177,8 @@ def _log_report(root: str, experiment: str, study: str, results: pd.DataFrame, r
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("study", choices=["rewards", "sft-epochs"])
-    parser.add_argument("--cold-start", action="store_true", help="rewards: start RL from the SFT model")
+    parser.add_argument("--no-cold-start", dest="cold_start", action="store_false",
+                        help="rewards: start RL from the backbone, not the SFT model (the paper's protocol)")
     parser.add_argument("--jobs", type=int, default=1, help="experiments at a time")
     parser.add_argument("--settings", nargs="*", help="run only these settings (e.g. rank error)")
     parser.add_argument("--root", default=".")

@@ -123,7 +123,7 @@ def project(tmp_path: Path, **changes) -> Path:
         for part in parents:
             holder = holder.setdefault(part, {})
         holder[last] = value
-    for folder in ("recipes", "accelerate", "deepspeed"):
+    for folder in ("recipes", "deepspeed"):
         target = tmp_path / "configs" / folder
         target.mkdir(parents=True, exist_ok=True)
         for source in (REPO / "configs" / folder).glob("*.*"):

@@ -12,11 +12,12 @@ from aesr1.evaluation.ablation import PAPER, findings, write_ablation_report
 from flows.ablations import COMMON, experiment_name, experiment_results, set_params, study_settings
 
 
-def test_reward_study_runs_every_mode_without_cold_start_unless_asked():
+def test_reward_study_runs_every_mode_from_the_sft_model_unless_asked_for_the_papers_protocol():
     settings = study_settings("rewards")
     assert list(settings) == ["binary", "error", "rank", "binary+rank", "error+rank"]
-    assert all(s["rl.model"] == "data/models/backbone" for s in settings.values())  # the paper: no cold start
-    assert "rl.model" not in study_settings("rewards", cold_start=True)["rank"]
+    assert all("rl.model" not in s for s in settings.values())  # RL from the SFT model: the pipeline's own rl.model
+    paper = study_settings("rewards", cold_start=False)  # the paper: RL without the cold start
+    assert all(s["rl.model"] == "data/models/backbone" for s in paper.values())
     assert settings["binary+rank"]["rl.rewards.mode"] == "binary+rank"
     assert COMMON["evaluate.only"] == "[rapo]" and COMMON["evaluate.register.model"] == "null"
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import REPO, project
 
 from aesr1.doctor import checks, cli, plan
@@ -204,18 +205,29 @@ EIGHT_GPUS = checks.CudaInfo(True, 8, [{"index": i, "name": "NVIDIA H100 80GB HB
                                         "capability": "sm_90"} for i in range(8)], True, "12.4")
 
 
+# accelerate configs as a user of `accelerate launch` writes them (the project's own launcher is torchrun)
+ACCELERATE_CONFIGS = {
+    "zero3.yaml": {"distributed_type": "DEEPSPEED", "num_machines": 1, "num_processes": 8,
+                   "deepspeed_config": {"zero_stage": 3, "offload_optimizer_device": "none"}},
+    "multi_gpu.yaml": {"distributed_type": "MULTI_GPU", "num_machines": 1, "num_processes": 2},
+}
+
+
 @pytest.mark.parametrize("launcher, gpus, ok", [
     ("torchrun --nproc_per_node gpu", 8, True),
     ("torchrun --standalone --nproc_per_node 8", 8, True),
     ("torchrun --nproc-per-node=4", 8, False),
-    ("accelerate launch --config_file configs/accelerate/zero3.yaml", 8, True),
-    ("accelerate launch --config_file configs/accelerate/zero3.yaml", 1, False),
-    ("accelerate launch --config_file configs/accelerate/multi_gpu.yaml --num_processes 1", 1, True),
-    ("accelerate launch --config_file configs/accelerate/missing.yaml", 8, False),
+    ("accelerate launch --config_file accelerate/zero3.yaml", 8, True),
+    ("accelerate launch --config_file accelerate/zero3.yaml", 1, False),
+    ("accelerate launch --config_file accelerate/multi_gpu.yaml --num_processes 1", 1, True),
+    ("accelerate launch --config_file accelerate/missing.yaml", 8, False),
     ("torchrun --standalone --nproc_per_node 2", 0, True),  # the embedded default on CPUs
-    ("accelerate launch --config_file configs/accelerate/zero3.yaml", 0, False),  # GPUs asked, none there
+    ("accelerate launch --config_file accelerate/zero3.yaml", 0, False),  # GPUs asked, none there
 ])
 def test_the_launcher_starts_one_process_per_visible_gpu(tmp_path, launcher, gpus, ok):
+    (tmp_path / "accelerate").mkdir()
+    for name, conf in ACCELERATE_CONFIGS.items():
+        (tmp_path / "accelerate" / name).write_text(yaml.safe_dump(conf))
     ctx = checks.Context(project(tmp_path, launcher=launcher))
     ctx.cuda = checks.CudaInfo(True, gpus, EIGHT_GPUS.gpus[:gpus], True, "12.4") if gpus else checks.CudaInfo(False)
     result = checks.run_check("launcher", ctx)

@@ -253,7 +253,7 @@ def test_an_ablation_runs_as_queued_dvc_experiments_and_reports_beside_the_paper
     run(["git", "add", "-A"], small_repo, env)
     run(["git", "commit", "-qm", "baseline"], small_repo, {**env, **identity})  # experiments start from a commit
     with prefect_test_harness():
-        report = Path(ablation(study="rewards", root=str(small_repo), cold_start=True, settings=["rank", "error"]))
+        report = Path(ablation(study="rewards", root=str(small_repo), settings=["rank", "error"]))
     text = report.read_text()
     assert "| rank | rewards-rank-" in text and "| error | rewards-error-" in text
     assert "| binary | - |" in text  # not run: the paper's row with a gap, never a guess
