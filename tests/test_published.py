@@ -78,6 +78,11 @@ def test_the_quoted_table_is_the_published_reports(clone):
     for page in QUOTING:
         quoted = table_rows((REPO / page).read_text(), "| model | ava PLCC / SRCC")
         assert quoted == main, f"{page}'s table is not the published report's main table"
+    differences = " ".join(row for row in table_rows(report, "| models | readout") if row.startswith("| rapo - sft"))
+    readme = (REPO / "README.md").read_text()
+    quoted_gain = re.search(r"RAPO minus SFT[^:]*:(.*?)\. The paper", readme, re.S).group(1)
+    gains = re.findall(r"\+(\d\.\d{3} ± \d\.\d{3})", quoted_gain)
+    assert len(gains) == 4 and all(f"{gain} (" in differences for gain in gains), (gains, differences)
 
 
 def test_the_readme_example_is_the_published_runs(clone):
