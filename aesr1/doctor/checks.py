@@ -63,7 +63,7 @@ from pathlib import Path
 from typing import Callable
 
 from aesr1.doctor.memory import HEADROOM, GiB
-from aesr1.errors import AesError
+from aesr1.errors import AesError, redact
 from aesr1.policy.families import FAMILIES
 
 log = logging.getLogger(__name__)
@@ -789,11 +789,6 @@ def check_teacher(ctx: Context) -> tuple[bool | None, str]:
 
 
 # --- DVC and MLflow
-
-def redact(text: str) -> str:
-    """URLs less their credentials (``scheme://user:password@host``)."""
-    return re.sub(r"(\w+://)[^/\s@]+@", r"\1***@", text)
-
 
 def check_dvc_remote(ctx: Context) -> tuple[bool | None, str]:
     exe = shutil.which("dvc") or (Path(sys.executable).parent / "dvc")
