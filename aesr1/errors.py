@@ -1,9 +1,11 @@
-"""The project's base class for expected, user-facing errors.
+"""The project's base class for expected, user-facing errors, and what keeps secrets out of their messages.
 
 The CLI prints an :class:`AesError` as one message without a traceback (exit status 2):
-bad params, unreadable inputs, a stage's own quality gate. Any other exception is a bug
-and keeps its traceback.
+bad params, unreadable inputs, a stage's own quality gate, a server that refuses the
+credentials. Any other exception is a bug and keeps its traceback.
 """
+
+import re
 
 
 class AesError(ValueError):
@@ -11,3 +13,9 @@ class AesError(ValueError):
 
     A ``ValueError`` so that callers catching bad values keep working.
     """
+
+
+def redact(text: str) -> str:
+    """URLs less their credentials (``scheme://user:password@host``): a message or log line names a server, never
+    what signs in to it."""
+    return re.sub(r"(\w+://)[^/\s@]+@", r"\1***@", text)

@@ -225,10 +225,12 @@ def load_scorer(model: str) -> Scorer:
     if "://" in model or model.startswith(("models:/", "runs:/")):
         import mlflow.pyfunc
 
-        from aesr1.tracking import project_root, tracking_uri
+        from aesr1.tracking import project_root, refusals_explained, tracking_uri
 
-        mlflow.set_tracking_uri(tracking_uri(project_root()))
-        pyfunc = mlflow.pyfunc.load_model(model)
+        uri = tracking_uri(project_root())
+        mlflow.set_tracking_uri(uri)
+        with refusals_explained(uri, f"model {model}", "READ"):
+            pyfunc = mlflow.pyfunc.load_model(model)
 
         def by_uri(paths: list[Path], decoding: DecodingConfig) -> list[dict]:
             frame = pyfunc.predict(pd.DataFrame({"image": [str(p.resolve()) for p in paths]}),

@@ -10,6 +10,13 @@ a pipeline id, taken from, in order:
    it is a pipeline runner (it exported ``DVC_ROOT``): that process's pid and start time,
    so all stages of one ``dvc repro`` share a parent;
 3. otherwise a fresh id: a stage run alone is its own pipeline.
+
+A tracking server with authentication (docs/deployment.md) gets the credentials MLflow's client
+reads from the environment (``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD``, or
+``MLFLOW_TRACKING_TOKEN``). A stage asks it for its experiment before anything else, so a refusal
+(HTTP 401: no or wrong credentials; 403: a user without permission) stops the stage before it
+loads data or trains, with one line naming the server, the status and what to set
+(:class:`TrackingAccessError`).
 """
 
 from __future__ import annotations
@@ -23,14 +30,17 @@ import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+from unittest import mock
 
 import mlflow
 import psutil
 from mlflow.entities import Metric, Param
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID
 
 from aesr1 import environment
+from aesr1.errors import AesError, redact
 from aesr1.lineage import git_state
 from aesr1.summary import seconds_metric, total_seconds
 
@@ -52,6 +62,13 @@ _SHELLS = {"sh", "bash", "dash", "zsh", "fish"}
 _LAUNCHERS = {"torchrun", "accelerate", "deepspeed"}
 _LAUNCHER_MODULES = ("torch.distributed.run", "torch.distributed.launch", "deepspeed.launcher")
 _EXPERIMENT_RUN_DIR = os.path.join(".dvc", "tmp", "exps")
+# where MLflow's client takes the credentials it sends a tracking server (basic auth, else a bearer token)
+CREDENTIALS = "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)"
+
+
+class TrackingAccessError(AesError):
+    """The MLflow server refused this process: no or wrong credentials (HTTP 401), or a user who lacks
+    permission (HTTP 403)."""
 
 
 def project_root(start: Path | None = None) -> Path:
@@ -79,6 +96,86 @@ def tracking_uri(root: Path | None = None) -> str:
     return f"sqlite:///{(root or project_root()) / 'mlflow.db'}"
 
 
+def served(uri: str) -> bool:
+    """A tracking server (http/https), as opposed to a local store."""
+    return uri.startswith(("http://", "https://"))
+
+
+def refusal(uri: str, status: int, resource: str, needed: str, answer: str = "") -> str:
+    """The line for a refusal: the server, the HTTP status, and the variable to set or the permission to ask for.
+
+    ``answer``: the server's response, which tells a host name the server does not accept (403 too) from a user's
+    permission. The user named is the one MLflow's client sent (the environment, else ``~/.mlflow/credentials``)."""
+    from mlflow.server.security_utils import INVALID_HOST_MSG
+    from mlflow.utils.credentials import read_mlflow_creds
+
+    creds = read_mlflow_creds()
+    token = bool(os.environ.get("MLFLOW_TRACKING_TOKEN"))
+    head = f"MLflow server {redact(uri)} refused (HTTP {status})"
+    if INVALID_HOST_MSG in answer:
+        return f"{head}: it does not accept the host name this client uses: add it to the server's --allowed-hosts"
+    if status == 401:
+        if creds.username and creds.password:
+            return (f"{head}: it does not accept user '{creds.username}' with that password: set the user's "
+                    f"password in MLFLOW_TRACKING_PASSWORD")
+        if token:
+            return f"{head}: it does not accept the token in MLFLOW_TRACKING_TOKEN: set {CREDENTIALS}"
+        return f"{head}: set {CREDENTIALS}"
+    user = f"user '{creds.username}'" if creds.username else "the token's user" if token else "an anonymous client"
+    return (f"{head}: {user} lacks permission on {resource} ({needed} needed): ask the server's admin to grant "
+            f"it (docs/deployment.md), or set {CREDENTIALS} to a user who has it")
+
+
+@contextmanager
+def refusals_explained(uri: str, resource: str, needed: str) -> Iterator[None]:
+    """A tracking server's 401 or 403 inside the block as a :class:`TrackingAccessError` (:func:`refusal`'s line)
+    in place of MLflow's exception, whose message carries the whole response."""
+    try:
+        yield
+    except MlflowException as error:
+        status = error.get_http_status_code()
+        if served(uri) and status in (401, 403):
+            raise TrackingAccessError(refusal(uri, status, resource, needed, error.message)) from None
+        raise
+
+
+def check_access(uri: str, timeout: float) -> str:
+    """Ask the tracking server, as this process's user, for what a stage needs of it first: to read the experiment
+    and write to it (its kind tag, set to the value the stages set: nothing changes). Says what was found; a
+    refusal is a :class:`TrackingAccessError`. One try per request, each within ``timeout`` seconds."""
+    from mlflow.utils.credentials import read_mlflow_creds
+
+    name = experiment_name()
+    quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(max(1, round(timeout)))}
+    with mock.patch.dict(os.environ, quick), refusals_explained(uri, f"experiment '{name}'", "EDIT"):
+        client = MlflowClient(uri)
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            return f"experiment '{name}' does not exist yet (the first stage creates it)"
+        for key, value in EXPERIMENT_KIND.items():
+            client.set_experiment_tag(experiment.experiment_id, key, value)
+    user = read_mlflow_creds().username
+    return f"{f'user {user!r}' if user else 'this client'} may write to experiment '{name}'"
+
+
+def check_can_register(name: str) -> None:
+    """On a tracking server: whether this process's user may add a version to registered model ``name``, asked
+    before a stage spends its time, not after (its description set to the one it holds: nothing changes). A model
+    not registered yet, any signed-in user may create. A refusal is a :class:`TrackingAccessError`."""
+    uri = mlflow.get_tracking_uri()
+    if not served(uri):
+        return
+    client = MlflowClient()
+    with refusals_explained(uri, f"registered model '{name}'", "EDIT"):
+        try:
+            model = client.get_registered_model(name)
+        except MlflowException as error:
+            if error.get_http_status_code() == 404:
+                return
+            raise
+        client.update_registered_model(name, description=model.description or "")
+
+
 def experiment_name() -> str:
     """``AESR1_EXPERIMENT`` (an ablation study puts its runs in an experiment of their own), else "aesr1"."""
     return os.environ.get(environment.EXPERIMENT) or EXPERIMENT
@@ -93,9 +190,9 @@ def ensure_experiment(client: MlflowClient, root: Path, name: str | None = None)
     name = name or experiment_name()
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
-        served = tracking_uri(root).startswith(("http://", "https://", "databricks"))
+        remote = tracking_uri(root).startswith(("http://", "https://", "databricks"))
         try:
-            return client.create_experiment(name, artifact_location=None if served else (root / "mlartifacts").as_uri(),
+            return client.create_experiment(name, artifact_location=None if remote else (root / "mlartifacts").as_uri(),
                                             tags=EXPERIMENT_KIND)
         except mlflow.exceptions.MlflowException:
             experiment = client.get_experiment_by_name(name)  # another process created it first
@@ -110,7 +207,7 @@ def ui_link(experiment_id: str, run_id: str | None = None, root: Path | None = N
 
     With a local store the UI is ``mlflow ui`` on its default port."""
     uri = tracking_uri(root)
-    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    base = redact(uri).rstrip("/") if served(uri) else "http://127.0.0.1:5000"
     page = f"experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "")
     return f"{base}/#/{page}?{UI_TRAINING_VIEW}"
 
@@ -162,10 +259,12 @@ def close_dead_runs_of(root: Path | None = None) -> list[str]:
     """:func:`close_dead_runs` in the project's store, for what starts a pipeline without a stage
     (a run restored from DVC's run cache starts none); nothing when the experiment does not exist yet."""
     root = root or project_root()
-    mlflow.set_tracking_uri(tracking_uri(root))
+    uri = tracking_uri(root)
+    mlflow.set_tracking_uri(uri)
     client = MlflowClient()
-    experiment = client.get_experiment_by_name(experiment_name())
-    return close_dead_runs(client, experiment.experiment_id) if experiment else []
+    with refusals_explained(uri, f"experiment '{experiment_name()}'", "EDIT"):
+        experiment = client.get_experiment_by_name(experiment_name())
+        return close_dead_runs(client, experiment.experiment_id) if experiment else []
 
 
 def pipeline_id() -> str:
@@ -229,13 +328,15 @@ def stage_run(stage: str, params: dict, root: Path | None = None, tags: dict[str
     KILLED when the next stage starts on that host (:func:`close_dead_runs`).
     """
     root = root or project_root()
-    mlflow.set_tracking_uri(tracking_uri(root))
+    uri = tracking_uri(root)
+    mlflow.set_tracking_uri(uri)
     client = MlflowClient()
-    experiment_id = ensure_experiment(client, root)
-    close_dead_runs(client, experiment_id)
-    pid = pipeline_id()
-    lineage = git_tags(root)
-    parent_id = _pipeline_run(client, experiment_id, pid, lineage)
+    with refusals_explained(uri, f"experiment '{experiment_name()}'", "EDIT"):  # before the stage loads or trains
+        experiment_id = ensure_experiment(client, root)
+        close_dead_runs(client, experiment_id)
+        pid = pipeline_id()
+        lineage = git_tags(root)
+        parent_id = _pipeline_run(client, experiment_id, pid, lineage)
     status = "FAILED"
     tags = {PIPELINE_TAG: pid, ROLE_TAG: "stage", STAGE_TAG: stage, **lineage, **process_tags(),
             **(tags or {})}

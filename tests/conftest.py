@@ -1,4 +1,7 @@
+import base64
 import os
+import re
+import secrets
 import shutil
 import subprocess
 import sys
@@ -131,3 +134,37 @@ def project(tmp_path: Path, **changes) -> Path:
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     return path
+
+
+# every secret the project, its libraries or its servers read from the environment: the MLflow client's password and
+# token, the MLflow server's admin password and CSRF key, Prefect's auth string (client and server), the teacher's
+# API key (distill.teacher.api_key_env), the hub token and a DVC remote's S3 keys
+SECRET_VARIABLES = ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "MLFLOW_AUTH_ADMIN_PASSWORD",
+                    "MLFLOW_FLASK_SERVER_SECRET_KEY", "PREFECT_API_AUTH_STRING", "PREFECT_SERVER_API_AUTH_STRING",
+                    "OPENAI_API_KEY", "HF_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+
+
+def planted_secrets() -> dict[str, str]:
+    """A distinct value for every secret variable, to search for in everything a run wrote."""
+    return {name: f"planted-{name.lower().replace('_', '-')}-{secrets.token_hex(8)}" for name in SECRET_VARIABLES}
+
+
+def secrets_found(planted: dict[str, str], folders: list[Path], texts: dict[str, str]) -> list[str]:
+    """Where a planted value, or its base64 (as an ``Authorization: Basic`` header carries it), appears: in any file
+    under ``folders`` (read whole, as bytes) or in one of the named ``texts``."""
+    forms = {}
+    for name, value in planted.items():
+        forms[value.encode()] = forms[base64.b64encode(value.encode())] = name
+    pattern = re.compile(b"|".join(map(re.escape, forms)))
+
+    def hits(source: str, data: bytes) -> set[str]:
+        return {f"{forms[match.group()]} in {source}" for match in pattern.finditer(data)}
+
+    found = set()
+    for folder in folders:
+        for path in folder.rglob("*"):
+            if path.is_file() and not path.is_symlink():
+                found |= hits(str(path), path.read_bytes())
+    for label, text in texts.items():
+        found |= hits(label, text.encode())
+    return sorted(found)

@@ -1,9 +1,12 @@
 """``aesr1 doctor``: the checks on this CPU machine, each failure clear and fast (``--smoke``: tests/test_smoke.py).
 
 No test sends traffic beyond loopback: the hub is pointed at a closed 127.0.0.1 port (HF_ENDPOINT), the
-teacher and the MLflow server at a stub on 127.0.0.1 or a closed loopback port, and proxies are cleared.
+teacher and the MLflow and Prefect servers at a stub on 127.0.0.1 or a closed loopback port, and proxies are
+cleared. (Against real MLflow and Prefect servers with authentication: tests/test_orchestration.py and
+tests/test_schedule.py.)
 """
 
+import base64
 import json
 import socket
 import threading
@@ -25,7 +28,7 @@ ON_GPU = torch.cuda.is_available()
 
 
 @pytest.fixture(autouse=True)
-def _loopback_only(monkeypatch):
+def _loopback_only(monkeypatch, tmp_path):
     """No proxy may route a loopback request elsewhere; the hub is a closed loopback port."""
     for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
         monkeypatch.delenv(name, raising=False)
@@ -33,6 +36,10 @@ def _loopback_only(monkeypatch):
     monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed_port()}")
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    for name in ("PREFECT_API_URL", "PREFECT_API_AUTH_STRING", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
+                 "MLFLOW_TRACKING_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.mlflow/credentials
 
 
 def closed_port() -> int:
@@ -42,11 +49,16 @@ def closed_port() -> int:
         return sock.getsockname()[1]
 
 
-class Stub:
-    """A loopback OpenAI-compatible ``GET /v1/models`` and an MLflow ``GET /health`` (tests/chat_server.py
-    answers POST chat completions only)."""
+PREFECT_AUTH = "aesr1:prefect-doctor-test-auth-string"
+NO_EXPERIMENT = json.dumps({"error_code": "RESOURCE_DOES_NOT_EXIST", "message": "no experiment"}).encode()
 
-    def __init__(self, models=("stub-model",)):
+
+class Stub:
+    """A loopback OpenAI-compatible ``GET /v1/models``, an MLflow ``GET /health`` and experiment lookup (answered
+    ``mlflow_answer``: by default no such experiment), and Prefect's ``GET /api/admin/version`` behind the auth
+    string ``PREFECT_AUTH`` (tests/chat_server.py answers POST chat completions only)."""
+
+    def __init__(self, models=("stub-model",), mlflow_answer=(404, NO_EXPERIMENT)):
         self.auth: list[str] = []
         stub = self
 
@@ -58,6 +70,13 @@ class Stub:
                 if self.path == "/health":
                     return self._send(200, b"OK")
                 stub.auth.append(self.headers.get("Authorization", ""))
+                if self.path.startswith("/api/2.0/mlflow/experiments/get-by-name"):
+                    return self._send(*mlflow_answer)
+                if self.path == "/api/admin/version":
+                    expected = f"Basic {base64.b64encode(PREFECT_AUTH.encode()).decode()}"
+                    if self.headers.get("Authorization") != expected:
+                        return self._send(401, b'{"exception_message": "Unauthorized"}')
+                    return self._send(200, b'"3.8.8"')
                 if self.path != "/v1/models":
                     return self._send(404, b'{"error": "no such route"}')
                 if self.headers.get("Authorization") != f"Bearer {KEY}":
@@ -199,6 +218,52 @@ def test_the_mlflow_check_writes_sqlite_and_asks_a_server_its_health(tmp_path, m
     with Stub() as stub:
         monkeypatch.setenv("MLFLOW_TRACKING_URI", stub.base)
         assert check("mlflow", params).ok is True
+
+
+def test_the_mlflow_check_names_the_server_the_status_and_what_to_set_when_refused(tmp_path, monkeypatch):
+    """/health answers anyone; the check asks what a stage asks first, with the credentials of the environment."""
+    params = project(tmp_path)
+    with Stub(mlflow_answer=(401, b"You are not authenticated.")) as stub:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", stub.base)
+        anonymous = check("mlflow", params)
+        assert anonymous.ok is False and anonymous.detail == (
+            f"MLflow server {stub.base} refused (HTTP 401): set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD "
+            f"(or MLFLOW_TRACKING_TOKEN)")
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "alice")
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", KEY)
+        wrong = check("mlflow", params)
+        assert wrong.ok is False and "refused (HTTP 401): it does not accept user 'alice'" in wrong.detail
+        assert stub.auth[-1] == f"Basic {base64.b64encode(f'alice:{KEY}'.encode()).decode()}"  # MLflow's client sent it
+    with Stub(mlflow_answer=(403, b"Permission denied")) as stub:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", stub.base)
+        denied = check("mlflow", params)
+    assert denied.ok is False and denied.detail.startswith(
+        f"MLflow server {stub.base} refused (HTTP 403): user 'alice' lacks permission on experiment 'aesr1' (EDIT "
+        f"needed): ask the server's admin to grant it")
+    assert KEY not in anonymous.detail + wrong.detail + denied.detail
+
+
+def test_the_prefect_check_sends_the_auth_string_and_names_it_when_refused(tmp_path, monkeypatch):
+    params = project(tmp_path)
+    unset = check("prefect", params)
+    assert unset.ok is None and "PREFECT_API_URL is not set" in unset.detail
+    with Stub() as stub:
+        monkeypatch.setenv("PREFECT_API_URL", f"{stub.base}/api")
+        anonymous = check("prefect", params)
+        monkeypatch.setenv("PREFECT_API_AUTH_STRING", PREFECT_AUTH[::-1])
+        wrong = check("prefect", params)
+        monkeypatch.setenv("PREFECT_API_AUTH_STRING", PREFECT_AUTH)
+        right = check("prefect", params)
+    assert anonymous.ok is False and anonymous.detail == (
+        f"Prefect server {stub.base}/api refused (HTTP 401): set PREFECT_API_AUTH_STRING (the server's "
+        f"PREFECT_SERVER_API_AUTH_STRING)")
+    assert wrong.ok is False and "does not accept the auth string in PREFECT_API_AUTH_STRING" in wrong.detail
+    assert right.ok is True and right.detail == (f"Prefect server {stub.base}/api: version 3.8.8, with the auth string "
+                                                 f"in PREFECT_API_AUTH_STRING")
+    assert not any(PREFECT_AUTH in c.detail or PREFECT_AUTH[::-1] in c.detail for c in (anonymous, wrong, right))
+    monkeypatch.setenv("PREFECT_API_URL", f"http://127.0.0.1:{closed_port()}/api")
+    closed = check("prefect", params)
+    assert closed.ok is False and "cannot connect" in closed.detail
 
 
 EIGHT_GPUS = checks.CudaInfo(True, 8, [{"index": i, "name": "NVIDIA H100 80GB HBM3", "memory_gib": 79.1,

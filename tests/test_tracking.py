@@ -1,14 +1,19 @@
-"""MLflow lineage: every stage run names its commit, code, params and the data it read; killed runs get marked."""
+"""MLflow lineage: every stage run names its commit, code, params and the data it read; killed runs get marked;
+a tracking server's refusal stops a stage before it runs, with one line."""
 
 import socket
 import subprocess
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import mlflow
 import pandas as pd
+import pytest
+from conftest import project
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from aesr1 import environment
+from aesr1 import cli, environment
 from aesr1.config import config
 from aesr1.stage import Recorder, run_stage
 from aesr1.summary import model_metrics
@@ -21,6 +26,7 @@ from aesr1.tracking import (
     STAGE_TAG,
     close_dead_runs_of,
     ensure_experiment,
+    refusal,
     stage_run,
     tracking_uri,
     ui_link,
@@ -163,3 +169,88 @@ def test_the_ui_link_opens_the_training_views(monkeypatch):
     assert ui_link("3", "abc") == "http://mlflow-host:5000/#/experiments/3/runs/abc?workflowType=machine_learning"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////tmp/x.db")
     assert ui_link("3") == "http://127.0.0.1:5000/#/experiments/3?workflowType=machine_learning"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://alice:s3cret-password@mlflow-host:5000")  # logged: no password
+    assert ui_link("3") == "http://***@mlflow-host:5000/#/experiments/3?workflowType=machine_learning"
+
+
+class Refusing:
+    """A loopback server that refuses every request as an MLflow basic-auth server does (``status``, its body)."""
+
+    BODIES = {401: b"You are not authenticated.", 403: b"Permission denied"}
+
+    def __init__(self, status: int):
+        self.paths: list[str] = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def refuse(self):
+                server.paths.append(self.path)
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(Refusing.BODIES[status])))
+                self.end_headers()
+                self.wfile.write(Refusing.BODIES[status])
+
+            do_GET = do_POST = refuse
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def __enter__(self):
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.mark.parametrize("status, user, said", [
+    (401, None, "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)"),
+    (403, "bob", "user 'bob' lacks permission on experiment 'aesr1' (EDIT needed): ask the server's admin to grant "
+                 "it (docs/deployment.md), or set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or "
+                 "MLFLOW_TRACKING_TOKEN) to a user who has it"),
+])
+def test_a_refusing_server_stops_a_stage_before_it_runs_with_one_line(status, user, said, tmp_path, monkeypatch,
+                                                                        capsys):
+    params = project(tmp_path, **{"synth.out_dir": str(tmp_path / "aessynth")})
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.mlflow/credentials
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    if user:
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", user)
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "a-password-never-shown")
+    with Refusing(status) as server:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
+        assert cli.main(["synth", "--params", str(params)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"aesr1 synth: error: MLflow server {server.url} refused (HTTP {status}): {said}\n"
+    assert server.paths == ["/api/2.0/mlflow/experiments/get-by-name?experiment_name=aesr1"]  # asked once, no retry
+    assert not (tmp_path / "aessynth").exists() and not (tmp_path / "metrics").exists()  # the stage never ran
+
+
+def test_a_refusal_says_what_to_fix_and_never_shows_a_secret(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    uri = "http://alice:s3cret-password@mlflow-host:5000"
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "a-token-never-shown")
+    assert refusal(uri, 401, "experiment 'aesr1'", "EDIT") == (
+        "MLflow server http://***@mlflow-host:5000 refused (HTTP 401): it does not accept the token in "
+        "MLFLOW_TRACKING_TOKEN: set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)")
+    assert "the token's user lacks permission on model models:/aesr1-policy/1 (READ needed)" in refusal(
+        uri, 403, "model models:/aesr1-policy/1", "READ")
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "alice")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "s3cret-password")
+    assert refusal(uri, 401, "experiment 'aesr1'", "EDIT").endswith(
+        "refused (HTTP 401): it does not accept user 'alice' with that password: set the user's password in "
+        "MLFLOW_TRACKING_PASSWORD")
+    host = refusal(uri, 403, "experiment 'aesr1'", "EDIT",
+                   "Response body: 'Invalid Host header - possible DNS rebinding attack detected'")
+    assert host.endswith("refused (HTTP 403): it does not accept the host name this client uses: add it to the "
+                         "server's --allowed-hosts")
+    for status in (401, 403):
+        assert "s3cret-password" not in refusal(uri, status, "experiment 'aesr1'", "EDIT")

@@ -40,7 +40,13 @@ applied (:func:`aesr1.config.with_recipe`):
   lists the model. The analytic teacher is offline: skipped.
 - ``dvc_remote``: ``dvc remote list``. No remote is a null note: fine on a single machine.
 - ``mlflow``: :func:`aesr1.tracking.tracking_uri`. For SQLite or file stores the folder must be
-  writable. For http(s), ``GET /health`` (``--timeout``).
+  writable. For http(s), ``GET /health`` (``--timeout``), then, with the credentials MLflow's client
+  reads from the environment, what a stage asks first (:func:`aesr1.tracking.check_access`): the
+  experiment read and written (its kind tag, set to the value it holds). A refusal names the server,
+  the HTTP status and the variable to set (401) or the user and experiment (403).
+- ``prefect``: with ``PREFECT_API_URL`` set, ``GET {PREFECT_API_URL}/admin/version`` with
+  ``PREFECT_API_AUTH_STRING`` as Prefect's client sends it (basic auth). HTTP 401 names the variable.
+  Unset: skipped (a flow run starts a temporary local server).
 """
 
 from __future__ import annotations
@@ -63,7 +69,7 @@ from pathlib import Path
 from typing import Callable
 
 from aesr1.doctor.memory import HEADROOM, GiB
-from aesr1.errors import AesError
+from aesr1.errors import AesError, redact
 from aesr1.policy.families import FAMILIES
 
 log = logging.getLogger(__name__)
@@ -790,11 +796,6 @@ def check_teacher(ctx: Context) -> tuple[bool | None, str]:
 
 # --- DVC and MLflow
 
-def redact(text: str) -> str:
-    """URLs less their credentials (``scheme://user:password@host``)."""
-    return re.sub(r"(\w+://)[^/\s@]+@", r"\1***@", text)
-
-
 def check_dvc_remote(ctx: Context) -> tuple[bool | None, str]:
     exe = shutil.which("dvc") or (Path(sys.executable).parent / "dvc")
     command = [str(exe)] if Path(exe).is_file() else [sys.executable, "-m", "dvc"]
@@ -815,10 +816,10 @@ def check_dvc_remote(ctx: Context) -> tuple[bool | None, str]:
 
 
 def check_mlflow(ctx: Context) -> tuple[bool | None, str]:
-    from aesr1.tracking import tracking_uri
+    from aesr1.tracking import served, tracking_uri
 
     uri = tracking_uri(ctx.root)
-    if uri.startswith(("http://", "https://")):
+    if served(uri):
         import httpx
 
         url = uri.rstrip("/") + "/health"
@@ -831,7 +832,7 @@ def check_mlflow(ctx: Context) -> tuple[bool | None, str]:
                           f"{redact(str(err))[:160]})"
         if response.status_code != 200:
             return False, f"MLflow server {redact(uri)}: GET /health answered HTTP {response.status_code}"
-        return True, f"MLflow server {redact(uri)}: /health OK"
+        return mlflow_access(uri, ctx.timeout)
     if uri.startswith("sqlite:"):
         if ":///" not in uri or not uri.split(":///", 1)[1]:
             return None, f"{uri}: an in-memory or unusual SQLite URI, not checked"
@@ -853,6 +854,52 @@ def check_mlflow(ctx: Context) -> tuple[bool | None, str]:
     return True, f"{uri}: writable{made}"
 
 
+def mlflow_access(uri: str, timeout: float) -> tuple[bool, str]:
+    """What a stage asks the server first, with this process's credentials (/health answers anyone)."""
+    from mlflow.exceptions import MlflowException
+
+    from aesr1.tracking import TrackingAccessError, check_access
+
+    try:
+        found = check_access(uri, timeout)
+    except TrackingAccessError as err:
+        return False, str(err)
+    except MlflowException as err:
+        return False, f"MLflow server {redact(uri)}: /health OK, but {redact(err.message.splitlines()[0])[:200]}"
+    return True, f"MLflow server {redact(uri)}: /health OK; {found}"
+
+
+def check_prefect(ctx: Context) -> tuple[bool | None, str]:
+    api = os.environ.get("PREFECT_API_URL")
+    if not api:
+        raise Skip("PREFECT_API_URL is not set: a flow run here starts a temporary local Prefect server")
+    import base64
+
+    import httpx
+
+    auth = os.environ.get("PREFECT_API_AUTH_STRING")
+    headers = {"Authorization": f"Basic {base64.b64encode(auth.encode()).decode()}"} if auth else {}
+    url = api.rstrip("/") + "/admin/version"
+    server = f"Prefect server {redact(api)}"
+    try:
+        response = httpx.get(url, headers=headers, timeout=ctx.timeout)
+    except httpx.TimeoutException:
+        return False, f"{server}: GET /admin/version no answer within {ctx.timeout:g} s"
+    except httpx.HTTPError as err:
+        return False, f"{server}: GET /admin/version cannot connect ({type(err).__name__}: {redact(str(err))[:160]})"
+    if response.status_code == 401:
+        if auth:
+            return False, (f"{server} refused (HTTP 401): it does not accept the auth string in "
+                           f"PREFECT_API_AUTH_STRING: set the server's PREFECT_SERVER_API_AUTH_STRING there")
+        return False, f"{server} refused (HTTP 401): set PREFECT_API_AUTH_STRING (the server's " \
+                      f"PREFECT_SERVER_API_AUTH_STRING)"
+    if response.status_code != 200:
+        return False, f"{server}: GET /admin/version answered HTTP {response.status_code}"
+    version = response.text.strip().strip('"')
+    how = "with the auth string in PREFECT_API_AUTH_STRING" if auth else "without an auth string (the server asks none)"
+    return True, f"{server}: version {version}, {how}"
+
+
 CHECKS: dict[str, Callable[[Context], tuple[bool | None, str]]] = {
     "params": check_params,
     "torch": check_torch,
@@ -867,6 +914,7 @@ CHECKS: dict[str, Callable[[Context], tuple[bool | None, str]]] = {
     "teacher": check_teacher,
     "dvc_remote": check_dvc_remote,
     "mlflow": check_mlflow,
+    "prefect": check_prefect,
 }
 
 

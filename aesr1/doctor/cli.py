@@ -17,8 +17,9 @@ from aesr1.errors import AesError
 log = logging.getLogger(__name__)
 
 HELP = ("Check this machine and params.yaml before a GPU run (torch, CUDA and GPUs, DeepSpeed, flash-attn, vLLM, "
-        "launcher, backbone, disk, teacher, DVC remote, MLflow); --plan: whether the recipe fits the GPUs, phase by "
-        "phase; --smoke: the sft and rl stages, a few steps each, on the recipe's model shape at reduced depth.")
+        "launcher, backbone, disk, teacher, DVC remote, MLflow and Prefect servers); --plan: whether the recipe fits "
+        "the GPUs, phase by phase; --smoke: the sft and rl stages, a few steps each, on the recipe's model shape at "
+        "reduced depth.")
 DESCRIPTION = (
     "Check this machine and the params (recipe applied) before a run: exit status 1 if a check failed, else 0. "
     "--plan prints each phase's peak memory per GPU (SFT, RL training, RL generation, evaluation) for the recipe "

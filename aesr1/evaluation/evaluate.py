@@ -49,6 +49,7 @@ from aesr1.metrics import bootstrap_correlations, correlations, resample_indices
 from aesr1.policy.generation import load_policy
 from aesr1.stage import Recorder
 from aesr1.summary import model_metrics
+from aesr1.tracking import check_can_register, refusals_explained
 from aesr1.trajectory import band_of, parse_score, split_trajectory
 
 log = logging.getLogger(__name__)
@@ -395,6 +396,8 @@ def evaluate(cfg: EvaluateConfig, recorder: Recorder) -> dict:
         test = shuffled[shuffled.groupby("dataset").cumcount() < cfg.max_per_test_set].sort_values("image_id")
     recorder.dataset(cfg.test_manifest, test, "evaluation")
     main = distributed.is_main()
+    if main and cfg.register.model:
+        check_can_register(cfg.register.name)  # a refusal now, not after the evaluation
     # every process measures its share of the images (the fact check's statistics): on the main process alone,
     # tens of thousands of real images would keep the others waiting inside a collective past its timeout
     mine = distributed.shard(list(test.image_path.unique()))
@@ -474,15 +477,16 @@ def register(cfg: EvaluateConfig, average: dict) -> str:
                     ("torch", "transformers", "mlflow", "pandas", "numpy", "pillow", "scipy", "datasets",
                      "pydantic", "httpx", "pyyaml")]
     decoding = dataclasses.asdict(cfg.decoding)
-    info = mlflow.pyfunc.log_model(
-        name="policy", python_model=PolicyScorer(decoding), artifacts={"policy": str(source)},
-        code_paths=[str(Path(aesr1.__file__).parent)], pip_requirements=requirements,
-        signature=signature(cfg.decoding), registered_model_name=cfg.register.name)
-    version = str(info.registered_model_version)
-    client = mlflow.MlflowClient()
-    for key in ("plcc", "srcc", "in_domain_plcc", "out_of_domain_plcc"):
-        if np.isfinite(average.get(key, math.nan)):
-            client.set_model_version_tag(cfg.register.name, version, f"average_{key}", f"{average[key]:.4f}")
-    client.set_model_version_tag(cfg.register.name, version, "policy", cfg.register.model)
+    with refusals_explained(mlflow.get_tracking_uri(), f"registered model '{cfg.register.name}'", "EDIT"):
+        info = mlflow.pyfunc.log_model(
+            name="policy", python_model=PolicyScorer(decoding), artifacts={"policy": str(source)},
+            code_paths=[str(Path(aesr1.__file__).parent)], pip_requirements=requirements,
+            signature=signature(cfg.decoding), registered_model_name=cfg.register.name)
+        version = str(info.registered_model_version)
+        client = mlflow.MlflowClient()
+        for key in ("plcc", "srcc", "in_domain_plcc", "out_of_domain_plcc"):
+            if np.isfinite(average.get(key, math.nan)):
+                client.set_model_version_tag(cfg.register.name, version, f"average_{key}", f"{average[key]:.4f}")
+        client.set_model_version_tag(cfg.register.name, version, "policy", cfg.register.model)
     log.info("registered %s as models:/%s/%s", source, cfg.register.name, version)
     return version
