@@ -21,7 +21,14 @@ IDENTITY = {"GIT_AUTHOR_NAME": "aesr1 tests", "GIT_AUTHOR_EMAIL": "tests@aesr1.i
 
 @pytest.fixture(autouse=True)
 def _isolated_tracking(tmp_path, monkeypatch):
-    """Each test tracks into its own SQLite store, never the repository's."""
+    """Each test tracks into its own SQLite store, never the repository's, nor a server an earlier test stopped:
+    ``mlflow.set_tracking_uri`` (which a stage calls) is process-global and wins over the variable, so a stage run
+    in-process against a test's server would leave the next in-process training (transformers' MLflow callback)
+    retrying that closed port for minutes."""
+    if "mlflow" in sys.modules:
+        from mlflow.tracking._tracking_service import utils
+
+        monkeypatch.setattr(utils, "_tracking_uri", None)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.setenv("GX_ANALYTICS_ENABLED", "false")
     monkeypatch.delenv(environment.PIPELINE_ID, raising=False)
