@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import sys
@@ -30,26 +29,13 @@ import pandas as pd
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from photos import jpeg, real_photos  # noqa: E402  (the photos tests/test_overlap.py plants)
+
 from aesr1.data import overlap  # noqa: E402
 
 AVA_IMAGES = 255_000
 TEST_IMAGES = 20_000
-
-
-def real_photos() -> list[Image.Image]:
-    from skimage import data
-
-    whole = [data.chelsea(), data.immunohistochemistry(), data.camera(), data.moon(), data.grass(), data.gravel(),
-             data.brick(), data.coins(), data.clock(), data.cell(), data.stereo_motorcycle()[0]]
-    halved = [data.coffee(), data.rocket(), data.hubble_deep_field(), data.retina(), data.astronaut()]
-    arrays = whole + [half for a in halved for half in (a[:, :a.shape[1] // 2], a[:, a.shape[1] // 2:])]
-    return [Image.fromarray(a).convert("RGB") for a in arrays]
-
-
-def jpeg(image: Image.Image, quality: int) -> Image.Image:
-    buffer = io.BytesIO()
-    image.save(buffer, "JPEG", quality=quality)
-    return Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
 
 
 COPIES = {
