@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 import subprocess
 from pathlib import Path
@@ -30,6 +31,7 @@ def links_in(text: str) -> list[str]:
             if not re.match(r"^[a-z][a-z0-9+.-]*:", target)]  # http:, https:, mailto: are not the repository's
 
 
+@functools.cache
 def anchors(path: Path) -> set[str]:
     """The ids MkDocs gives the headings of ``path`` (its toc extension's slugify, or an explicit ``{#id}``)."""
     ids = set()
